@@ -1,0 +1,1 @@
+"""Calibration: readers that yield feed dicts, streaming collectors, and the instrumented session."""

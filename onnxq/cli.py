@@ -1,0 +1,292 @@
+"""The `onnxq` command line. Every failure a user can fix prints one line and exits 2 (3: gates failed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from onnxq.errors import OnnxqError
+
+app = typer.Typer(
+    name="onnxq",
+    help="Quantize ONNX models with recipes of graph passes, calibrated and validated on onnxruntime.\n\n"
+    "Start with:  onnxq run model.onnx --recipe int8 --calib calib.npz",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _guard(fn):  # type: ignore[no-untyped-def]
+    """Turn known errors into one line and an exit code; unexpected ones into one line plus a hint."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OnnxqError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; no output was written")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if os.environ.get("ONNXQ_DEBUG"):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            err.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {first[:300]} "
+                "(a bug in onnxq: rerun with ONNXQ_DEBUG=1 for the traceback and report it)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@_guard
+def run(
+    model: Annotated[Path, typer.Argument(help="the float .onnx model (never modified)")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name (int8) or a YAML file")] = "int8",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="output model [default: MODEL.q.onnx]")] = None,
+    calib: Annotated[
+        str | None,
+        typer.Option(help=".npz of arrays keyed by input name (stacked on axis 0), a folder of them, or 'synthetic'"),
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="evaluation data for validation [default: --calib]")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a recipe key: calibration.num_samples=64, passes.upgrade_opset.target=17"),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-node plan; write nothing")] = False,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="skip validation against the float model")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables")] = False,
+) -> None:
+    """Quantize MODEL with a recipe, validate it against the float model, and write MODEL.q.onnx.
+
+    Exit codes: 0 ok, 2 bad input (model, recipe, data), 3 validation gates failed (output still written).
+    """
+    from onnxq.errors import GateFailure
+    from onnxq.runner import run as run_recipe
+
+    show = not quiet and sys.stderr.isatty()
+    try:
+        result = run_recipe(
+            model,
+            recipe,
+            output=output,
+            calib=calib,
+            data=data,
+            overrides=set_ or [],
+            dry_run=dry_run,
+            validate=False if no_validate else None,
+            show_progress=show,
+        )
+    except GateFailure as failure:
+        result = getattr(failure, "result", None)
+        raise
+    if quiet:
+        return
+    if dry_run:
+        _print_plan(result.plan or [])
+        return
+    _print_passes(result)
+    for validation in result.validation:
+        _print_validation(validation)
+    out.print(
+        f"wrote [bold]{result.output}[/] ({_size_line(result.sizes)})"
+        + (f", report {result.report_path}" if result.report_path else "")
+    )
+
+
+def _size_line(sizes: dict[str, int]) -> str:
+    if "input_bytes" in sizes:
+        return f"{sizes['output_bytes'] / 1e6:.2f} MB, {sizes['output_bytes'] / sizes['input_bytes']:.2f}× the input"
+    return f"{sizes.get('output_bytes', 0) / 1e6:.2f} MB"
+
+
+def _print_passes(result: Any) -> None:
+    table = Table(title="passes", title_justify="left")
+    for col in ("pass", "seconds", "changed"):
+        table.add_column(col)
+    for record in result.passes:
+        table.add_row(record.name, f"{record.seconds:.2f}", "yes" if record.modified else "no")
+    out.print(table)
+    for note in result.notes:
+        out.print(f"  · {note}")
+
+
+def _print_validation(v: Any) -> None:
+    if v.skipped:
+        out.print(f"validation [{v.provider}]: {v.skipped}")
+        return
+    table = Table(title=f"validation on {v.provider} ({v.samples} samples)", title_justify="left")
+    for col in ("output", "SQNR dB", "cosine", "max |err|", "mean |err|", "top-1 agree"):
+        table.add_column(col, justify="right" if col != "output" else "left")
+    for o in v.outputs:
+        agree = "-" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
+        table.add_row(
+            o.name, f"{o.sqnr_db:.2f}", f"{o.cosine:.5f}", f"{o.max_abs_error:.4g}", f"{o.mean_abs_error:.4g}", agree
+        )
+    out.print(table)
+    if v.accuracy_float is not None:
+        out.print(f"label accuracy: float {100 * v.accuracy_float:.2f}%  quantized {100 * v.accuracy_quantized:.2f}%")
+    for gate in v.gates:
+        mark = "[green]pass[/]" if gate.passed else "[red]FAIL[/]"
+        out.print(f"gate {gate.gate}: {gate.value:.4g} (threshold {gate.threshold:g}) {mark}")
+
+
+def _print_plan(plan: list[dict[str, Any]]) -> None:
+    table = Table(title="per-node plan (dry run: nothing written)", title_justify="left")
+    for col in ("node", "op", "activations", "weights"):
+        table.add_column(col)
+    for row in plan:
+        table.add_row(row["node"], row["op"], row["activations"], row["weights"])
+    out.print(table)
+    counts = Counter(r["op"] for r in plan if not r["skip"])
+    out.print("to quantize: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+
+
+@app.command()
+@_guard
+def validate(
+    float_model: Annotated[Path, typer.Argument(help="the float reference model")],
+    quant_model: Annotated[Path, typer.Argument(help="the quantized model")],
+    data: Annotated[str, typer.Option(help=".npz data keyed by input name (labels under 'label')")],
+    providers: Annotated[str, typer.Option(help="comma-separated: cpu,cuda,tensorrt")] = "cpu",
+    min_sqnr_db: Annotated[float | None, typer.Option(help="gate: fail (exit 3) below this SQNR")] = None,
+) -> None:
+    """Compare a quantized model with its float original on the same data."""
+    from onnxq import ir as onnxq_ir
+    from onnxq.calibration.readers import input_specs, open_data
+    from onnxq.errors import GateFailure, UsageError
+    from onnxq.recipe import Gates
+    from onnxq.validate import PROVIDERS, validate_models
+
+    names = [p.strip() for p in providers.split(",") if p.strip()]
+    for name in names:
+        if name not in PROVIDERS:
+            from onnxq.errors import did_you_mean
+
+            raise UsageError(f"unknown provider '{name}'", did_you_mean(name, PROVIDERS))
+    model = onnxq_ir.load(float_model)
+    onnxq_ir.load(quant_model)
+    specs = input_specs(model)
+    gates = Gates(min_sqnr_db=min_sqnr_db)
+    results = validate_models(
+        float_model, quant_model, open_data(data, specs, None, extras=("label",)), specs, providers=names, gates=gates
+    )
+    for result in results:
+        _print_validation(result)
+    failed = [g for r in results for g in r.gates if not g.passed]
+    if failed:
+        raise GateFailure(f"validation gate {failed[0].gate} failed: {failed[0].value:.4g}")
+
+
+@app.command()
+@_guard
+def inspect(model: Annotated[Path, typer.Argument(help="an .onnx model")]) -> None:
+    """Show opsets, inputs/outputs, the op histogram and which nodes the int8 recipe would quantize."""
+    from onnxq import ir as onnxq_ir
+    from onnxq.calibration.readers import input_specs
+    from onnxq.qspec import COMPUTE_OPS, DEFAULT_TARGETS
+
+    m = onnxq_ir.load(model)
+    g = m.graph
+    out.print(
+        f"[bold]{model}[/]  ir_version {m.ir_version}  opsets "
+        + ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in m.opset_imports.items())
+        + f"  producer {m.producer_name or '?'} {m.producer_version or ''}"
+    )
+    for spec in input_specs(m):
+        out.print(f"  input  {spec.name}: {spec.dtype} {['?' if d is None else d for d in spec.shape]}")
+    for value in g.outputs:
+        shape = [d if isinstance(d, int) else "?" for d in value.shape] if value.shape is not None else "?"
+        out.print(f"  output {value.name}: {value.dtype} {shape}")
+    weight_bytes = sum(v.const_value.nbytes for v in g.initializers.values() if v.const_value is not None)
+    constants = sum(1 for n in g if n.op_type == "Constant")
+    out.print(
+        f"  {len(g.initializers)} initializers ({weight_bytes / 1e6:.2f} MB), {constants} Constant nodes, "
+        f"{g.num_nodes()} nodes (with subgraphs)"
+    )
+    counts = Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in g)
+    table = Table(title="ops", title_justify="left")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    table.add_column("int8 recipe")
+    for op, count in counts.most_common():
+        role = "quantized" if op in COMPUTE_OPS else ("follows its input" if op in DEFAULT_TARGETS else "")
+        table.add_row(op, str(count), role)
+    out.print(table)
+
+
+@app.command()
+@_guard
+def passes() -> None:
+    """List the registered passes (built-in and plugins) with their config fields."""
+    from onnxq import registry
+
+    table = Table(title="passes", title_justify="left", show_lines=True)
+    table.add_column("pass")
+    table.add_column("what it does")
+    table.add_column("config fields (default)")
+    for name in registry.names():
+        cls = registry.get(name)
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().split("\n")[0]
+        doc = doc.split(":", 1)[1].strip() if doc.startswith(f"{name}:") else doc
+        fields = [
+            f"{key} ({info.default if info.default_factory is None else info.default_factory()})"
+            for key, info in cls.Config.model_fields.items()
+        ]
+        table.add_row(name, doc, "\n".join(fields) or "-")
+    out.print(table)
+
+
+@app.command()
+@_guard
+def schema() -> None:
+    """Print the JSON Schema of recipes (for editors and CI checks)."""
+    print(json.dumps(recipe_schema(), indent=2))
+
+
+def recipe_schema() -> dict[str, Any]:
+    from onnxq import registry
+    from onnxq.recipe import Recipe
+
+    doc = Recipe.model_json_schema(by_alias=True)
+    items = []
+    for name in registry.names():
+        cls = registry.get(name)
+        items.append(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": [name],
+                "properties": {name: {"anyOf": [cls.Config.model_json_schema(), {"type": "null"}]}},
+            }
+        )
+    doc["properties"]["passes"]["items"] = {"anyOf": items}
+    return doc
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Errors a user can act on: each carries the problem and the fix, printed as one line by the CLI."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class OnnxqError(Exception):
+    """Base class: `str(err)` is the one line shown to the user. Exit code 2 unless overridden."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+
+
+class UsageError(OnnxqError):
+    """Bad input from the user: a path, a recipe, calibration data."""
+
+
+class RecipeError(UsageError):
+    """A recipe that does not validate; `path` is the key path inside the recipe."""
+
+    def __init__(self, path: str, problem: str, fix: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"recipe error at '{path}': {problem}" if path else f"recipe error: {problem}", fix)
+
+
+class GateFailure(OnnxqError):
+    """Validation gates failed: the model was written, but it is not good enough."""
+
+    exit_code = 3
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """The fix text for a misspelt name, or a list of what is allowed when nothing is close."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if choices:
+        shown = ", ".join(choices[:12]) + (", …" if len(choices) > 12 else "")
+        return f"choose one of: {shown}"
+    return None

@@ -1,0 +1,132 @@
+"""The pass contract: an onnx-ir InPlacePass with a typed config and declared dependencies.
+
+Any onnxq pass can be dropped into a user's own `onnx_ir.passes.PassManager`; what it needs beyond the
+model (calibration data, statistics, defaults) comes in a `PassContext`, never from a global.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict
+
+from onnxq.errors import UsageError
+from onnxq.qspec import DEFAULT_ACTIVATIONS, DEFAULT_WEIGHTS, NodeQuant
+
+Feeds = dict[str, np.ndarray]
+# Stats kinds a pass can declare in `needs` / `invalidates`.
+ACTIVATION_STATS = "activation_stats"
+
+
+class PassConfig(BaseModel):
+    """Base of every pass's `Config`: unknown keys are errors, and a config never changes once built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class TensorRange:
+    """Calibrated range of one activation tensor."""
+
+    min: float
+    max: float
+
+
+@dataclass
+class PassContext:
+    """What passes may use besides the model. Build one per pipeline run.
+
+    `calibration_data` is a callable returning a fresh iterator of feed batches (so a pass can re-read
+    the data); `collect_ranges` is how statistics get computed (the runner plugs in onnxruntime).
+    """
+
+    defaults: NodeQuant = field(
+        default_factory=lambda: NodeQuant(activations=DEFAULT_ACTIVATIONS, weights=DEFAULT_WEIGHTS)
+    )
+    calibration_data: Callable[[], Iterator[Feeds]] | None = None
+    calibration_settings: dict[str, Any] = field(default_factory=dict)
+    ranges: dict[str, TensorRange] = field(default_factory=dict)
+    stats_fingerprint: str | None = None
+    show_progress: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def activation_ranges(self, model: ir.Model, names: Iterable[str]) -> dict[str, TensorRange]:
+        """Ranges for `names`, collecting those not yet known with one onnxruntime pass over the data."""
+        wanted = list(dict.fromkeys(names))
+        missing = [n for n in wanted if n not in self.ranges]
+        if missing:
+            if self.calibration_data is None:
+                raise UsageError(
+                    f"{len(missing)} activation tensors need calibration statistics and no data was given",
+                    "pass --calib DATA.npz (arrays keyed by input name), or set calibration.data: synthetic "
+                    "for a smoke run",
+                )
+            from onnxq.calibration.session import collect_ranges
+
+            started = time.perf_counter()
+            found, fingerprint = collect_ranges(
+                model,
+                missing,
+                self.calibration_data,
+                show_progress=self.show_progress,
+                **self.calibration_settings,
+            )
+            self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - started
+            self.ranges.update(found)
+            self.stats_fingerprint = fingerprint
+        return {n: self.ranges[n] for n in wanted if n in self.ranges}
+
+    def invalidate(self, what: Iterable[str]) -> None:
+        if ACTIVATION_STATS in set(what):
+            self.ranges.clear()
+            self.stats_fingerprint = None
+
+
+class Pass(ir.passes.InPlacePass):
+    """Base for onnxq passes.
+
+    Subclasses set `name`, `Config`, and optionally `needs`, `invalidates`, `after` (names of passes
+    that must run earlier when both are in a recipe; checked, never silently reordered) and `lowers`
+    (rewrites the graph from annotations; `--dry-run` stops before the first such pass).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    needs: ClassVar[frozenset[str]] = frozenset()
+    invalidates: ClassVar[frozenset[str]] = frozenset()
+    after: ClassVar[tuple[str, ...]] = ()
+    lowers: ClassVar[bool] = False
+
+    def __init__(
+        self, config: PassConfig | dict[str, Any] | None = None, context: PassContext | None = None, **fields: Any
+    ) -> None:
+        super().__init__()
+        if isinstance(config, PassConfig):
+            self.config = config
+        else:
+            self.config = self.Config.model_validate({**(config or {}), **fields})
+        self.context = context or PassContext()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def apply(pass_: ir.passes.PassBase, model: Any) -> Any:
+    """Run one pass on a ModelProto, a path or an ir.Model; returns the same kind it was given (a path
+    gives back an ir.Model, since the input file is never written)."""
+    import onnx
+
+    from onnxq import ir as onnxq_ir
+
+    if isinstance(model, onnx.ModelProto):
+        result = pass_(onnxq_ir.from_proto(model)).model
+        return onnxq_ir.to_proto(result)
+    if isinstance(model, ir.Model):
+        return pass_(model).model
+    return pass_(onnxq_ir.load(model)).model

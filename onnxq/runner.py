@@ -1,0 +1,207 @@
+"""run(model, recipe): the one entry point behind the CLI and the Python API.
+
+It loads the model, resolves the recipe into pass instances sharing one PassContext, checks the declared
+order, runs the passes (calibration happens inside the first pass that asks for statistics), writes the
+output atomically, and validates it against the untouched input.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxq import ir as onnxq_ir
+from onnxq import registry
+from onnxq.calibration.readers import input_specs, open_data
+from onnxq.errors import GateFailure, RecipeError
+from onnxq.pass_base import Pass, PassContext
+from onnxq.qspec import NodeQuant, get_qspec
+from onnxq.recipe import Recipe, load_recipe
+from onnxq.validate import ValidationResult, validate_models
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+
+
+@dataclass
+class Result:
+    model: ir.Model
+    output: Path | None
+    recipe: Recipe
+    passes: list[PassRecord] = field(default_factory=list)
+    plan: list[dict[str, Any]] | None = None
+    validation: list[ValidationResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    report_path: Path | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    calibration_seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.validation)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output) if self.output else None,
+            "recipe": self.recipe.dump(),
+            "passes": [vars(p) for p in self.passes],
+            "calibration_seconds": self.calibration_seconds,
+            "notes": self.notes,
+            "sizes": self.sizes,
+            "ops": dict(Counter(n.op_type for n in self.model.graph)),
+            "validation": [v.to_json() for v in self.validation],
+            "passed": self.passed,
+        }
+
+
+def build_passes(recipe: Recipe, context: PassContext) -> list[Pass]:
+    """Instantiate the recipe's passes and check `after` constraints (never reorder silently)."""
+    passes: list[Pass] = []
+    for index, (name, cfg) in enumerate(recipe.pass_configs()):
+        passes.append(registry.get(name, f"passes[{index}]")(cfg, context))
+    position = {p.name: i for i, p in reversed(list(enumerate(passes)))}
+    for index, p in enumerate(passes):
+        for earlier in p.after:
+            if earlier in position and position[earlier] > index:
+                raise RecipeError(
+                    f"passes[{index}]",
+                    f"'{p.name}' must run after '{earlier}', which comes later",
+                    f"move '{earlier}' before '{p.name}'",
+                )
+    return passes
+
+
+def make_context(model: ir.Model, recipe: Recipe, calib: str | None, show_progress: bool) -> PassContext:
+    cal = recipe.calibration
+    source = calib or cal.data
+    data = None
+    if source is not None:
+        data = open_data(source, input_specs(model), cal.num_samples, cal.seed)
+    return PassContext(
+        defaults=NodeQuant(activations=recipe.defaults.activations, weights=recipe.defaults.weights),
+        calibration_data=data,
+        calibration_settings={"method": cal.method, "batch_size": cal.batch_size, "num_samples": cal.num_samples},
+        show_progress=show_progress,
+    )
+
+
+def run(
+    model: str | Path | ir.Model,
+    recipe: str | Path | dict[str, Any] | Recipe = "int8",
+    *,
+    output: str | Path | None = None,
+    calib: str | None = None,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    dry_run: bool = False,
+    validate: bool | None = None,
+    show_progress: bool = False,
+) -> Result:
+    """Quantize `model` with `recipe`. A path input is never written; the output defaults to
+    `<input>.q.onnx` beside it. Raises GateFailure (after writing) when validation gates fail."""
+    resolved = load_recipe(recipe, overrides)
+    source_path = None if isinstance(model, ir.Model) else Path(model)
+    working = model if isinstance(model, ir.Model) else onnxq_ir.load(model)
+    float_reference: bytes | Path = source_path if source_path else onnxq_ir.model_bytes(working)
+    out_path = _output_path(source_path, output or resolved.output.path, dry_run)
+    if out_path is not None and source_path is not None and out_path.resolve() == source_path.resolve():
+        onnxq_ir.save(working, out_path, source=source_path)  # raises the clear error
+    context = make_context(working, resolved, calib, show_progress)
+    result = Result(working, None, resolved, notes=context.notes)
+    for pass_ in build_passes(resolved, context):
+        if dry_run and (pass_.lowers or pass_.needs):
+            break
+        pass_.requires(working)
+        started = time.perf_counter()
+        outcome = pass_(working)
+        result.passes.append(PassRecord(pass_.name, time.perf_counter() - started, outcome.modified))
+        context.invalidate(pass_.invalidates)
+    result.calibration_seconds = context.timings.get("calibration", 0.0)
+    if dry_run:
+        result.plan = plan_of(working)
+        return result
+    working.metadata_props["onnxq.recipe"] = json.dumps(resolved.dump(), sort_keys=True)
+    if context.stats_fingerprint:
+        working.metadata_props["onnxq.stats_fingerprint"] = context.stats_fingerprint
+    assert out_path is not None
+    result.output = onnxq_ir.save(working, out_path, source=source_path)
+    result.sizes = {"output_bytes": out_path.stat().st_size}
+    if source_path is not None:
+        result.sizes["input_bytes"] = source_path.stat().st_size
+    do_validate = resolved.validate_.enabled if validate is None else validate
+    if do_validate:
+        result.validation = _validate(resolved, float_reference, out_path, working, data or calib)
+    if resolved.output.report:
+        result.report_path = _write_report(result, out_path)
+    if not result.passed:
+        failed = [g for v in result.validation for g in v.gates if not g.passed]
+        raise GateFailure(
+            f"validation gate {failed[0].gate} failed: {failed[0].value:.4g} vs threshold {failed[0].threshold:g} "
+            f"(model written to {out_path})",
+            "inspect the report, keep sensitive nodes in float with a skip rule, or relax the gate",
+        )
+    return result
+
+
+def _output_path(source: Path | None, output: str | Path | None, dry_run: bool) -> Path | None:
+    if output is not None:
+        return Path(output)
+    if source is None or dry_run:
+        return None if dry_run else Path("model.q.onnx")
+    return source.with_name(source.name.removesuffix(".onnx") + ".q.onnx")
+
+
+def _validate(
+    recipe: Recipe, float_model: bytes | Path, quant_path: Path, model: ir.Model, data: str | None
+) -> list[ValidationResult]:
+    cfg = recipe.validate_
+    source = cfg.data or data or recipe.calibration.data
+    if source is None:
+        return [ValidationResult("cpu", 0, [], skipped="skipped: no validation data (pass --data or --calib)")]
+    specs = input_specs(model)
+    reader = open_data(source, specs, cfg.num_samples, recipe.calibration.seed, extras=(cfg.labels,))
+    return validate_models(
+        float_model,
+        quant_path,
+        reader,
+        specs,
+        providers=list(cfg.providers),
+        labels=cfg.labels,
+        batch_size=cfg.batch_size,
+        gates=cfg.gates,
+    )
+
+
+def _write_report(result: Result, out_path: Path) -> Path:
+    from onnxq.report import write_json
+
+    return write_json(result.report(), out_path.with_name(out_path.name + ".report.json"))
+
+
+def plan_of(model: ir.Model) -> list[dict[str, Any]]:
+    """Per-node precision plan from the annotations (what `--dry-run` prints)."""
+    rows = []
+    for node in model.graph:
+        spec = get_qspec(node)
+        if spec is None:
+            continue
+        rows.append(
+            {
+                "node": node.name,
+                "op": node.op_type,
+                "skip": spec.skip,
+                "activations": "float" if spec.skip else f"{spec.activations.dtype}/{spec.activations.granularity}",
+                "weights": "float" if spec.skip else f"{spec.weights.dtype}/{spec.weights.granularity}",
+            }
+        )
+    return rows

@@ -1,0 +1,10 @@
+"""Built-in passes; each is an onnx-ir InPlacePass usable alone or in a user's PassManager."""
+
+from .assign_precision import AssignPrecision
+from .cleanup import Cleanup
+from .fold_batchnorm import FoldBatchNorm
+from .insert_qdq import InsertQDQ
+from .simplify import Simplify
+from .upgrade_opset import UpgradeOpset
+
+__all__ = ["AssignPrecision", "Cleanup", "FoldBatchNorm", "InsertQDQ", "Simplify", "UpgradeOpset"]

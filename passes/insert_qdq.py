@@ -1,0 +1,416 @@
+"""insert_qdq: lower QuantSpec annotations to QuantizeLinear/DequantizeLinear pairs (the QDQ format).
+
+Placement is what onnxruntime fuses into integer kernels:
+- DQ on the activation inputs and the weight of Conv/ConvTranspose/MatMul/Gemm, Q→DQ on their output;
+  a Relu/Clip right after the op is kept inside the group (Q goes after it: ReluQuantFusion removes it).
+- Weights become integer initializers + DequantizeLinear (per-channel along the output-channel axis);
+  biases become int32 with scale s_x·s_w, the accumulator's scale.
+- Data-movement ops (Reshape, Transpose, MaxPool, Concat, …) whose input is quantized take their
+  input's scale: values joined by such ops form one group (union-find) sharing one scale and zero point,
+  so DQ→op→Q collapses to an integer op.
+- A value produced by a quantized op is read through its DQ by every consumer; a value produced in
+  float (a graph input, a float op) is read through the DQ only by the quantized consumers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from onnxq import qmath
+from onnxq.errors import OnnxqError
+from onnxq.pass_base import ACTIVATION_STATS, Pass, PassConfig, TensorRange
+from onnxq.qspec import (
+    COMPUTE_OPS,
+    FUSED_ACTIVATIONS,
+    OWN_SCALE_OPS,
+    SHARED_SCALE_OPS,
+    NodeQuant,
+    QuantSpec,
+    get_qspec,
+)
+
+from ._graph import (
+    add_initializer,
+    constant_array,
+    default_opset,
+    forget_names,
+    is_constant,
+    iter_values,
+    unique_name,
+)
+
+NEEDS_OPSET_21 = {"int4", "uint4"}
+NEEDS_OPSET_21_ACT = {"int16", "uint16", "int4", "uint4"}
+ONNX_TYPES = {
+    "int4": ir.DataType.INT4,
+    "uint4": ir.DataType.UINT4,
+    "int8": ir.DataType.INT8,
+    "uint8": ir.DataType.UINT8,
+    "int16": ir.DataType.INT16,
+    "uint16": ir.DataType.UINT16,
+}
+
+
+class InsertQDQConfig(PassConfig):
+    fuse_activations: bool = Field(True, description="put the output Q after a Relu/Clip that follows the op")
+    quantize_bias: bool = Field(True, description="int32 bias (s_x·s_w) for Conv/Gemm, as integer kernels expect")
+
+
+@dataclass
+class _Plan:
+    """Activation values to quantize, grouped by shared scale, and which consumers read the DQ."""
+
+    spec: dict[str, QuantSpec] = field(default_factory=dict)
+    parent: dict[str, str] = field(default_factory=dict)
+    produced_quantized: set[str] = field(default_factory=set)
+    readers: dict[str, set[int]] = field(default_factory=dict)  # value -> ids of quantized consumers
+
+    def add(self, value: ir.Value, spec: QuantSpec) -> None:
+        self.spec.setdefault(value.name, spec)
+        self.parent.setdefault(value.name, value.name)
+
+    def find(self, name: str) -> str:
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def read_by(self, value: ir.Value, node: ir.Node) -> None:
+        self.readers.setdefault(value.name, set()).add(id(node))
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in (None, ir.DataType.FLOAT)
+
+
+def _weight_axis(node: ir.Node, weight: np.ndarray, spec: QuantSpec) -> int | None:
+    """Output-channel axis of a weight, or None for per-tensor."""
+    if spec.granularity == "tensor":
+        return None
+    if spec.axis is not None:
+        return spec.axis % weight.ndim
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if node.attributes.get_int("group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "MatMul":
+        return 1 if weight.ndim == 2 else None
+    return None
+
+
+class InsertQDQ(Pass):
+    name = "insert_qdq"
+    Config = InsertQDQConfig
+    needs = frozenset({ACTIVATION_STATS})
+    after = ("assign_precision", "fold_batchnorm", "simplify", "upgrade_opset")
+    lowers = True
+
+    def requires(self, model: ir.Model) -> None:
+        if not any(get_qspec(n) for n in model.graph):
+            raise OnnxqError(
+                "insert_qdq found no node annotated for quantization",
+                "run assign_precision (or another annotating pass) before insert_qdq",
+            )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opset = default_opset(model)
+        plan, compute_nodes = self._plan(graph)
+        if not plan.spec:
+            return ir.passes.PassResult(model, modified=False)
+        self._check_opset(opset, plan, compute_nodes)
+        ranges = self._ranges(model, plan)
+        qparams = self._group_qparams(plan, ranges)
+        dq_of = self._insert_activation_qdq(graph, plan, qparams)
+        weight_cache: dict[tuple[str, QuantSpec, int | None], ir.Value] = {}
+        for node, spec in compute_nodes:
+            self._quantize_weight_and_bias(graph, node, spec, dq_of, qparams, plan, weight_cache)
+        graph.sort()
+        forget_names(graph)
+        self.context.notes.append(
+            f"insert_qdq: {len(plan.spec)} activations in {len({plan.find(n) for n in plan.spec})} scale groups, "
+            f"{len(weight_cache)} weights, {len(compute_nodes)} compute ops"
+        )
+        return ir.passes.PassResult(model, modified=True)
+
+    # --- planning ---------------------------------------------------------------------------------------
+
+    def _plan(self, graph: ir.Graph) -> tuple[_Plan, list[tuple[ir.Node, NodeQuant]]]:
+        plan = _Plan()
+        compute: list[tuple[ir.Node, NodeQuant]] = []
+        for node in graph:  # topological: a shared-scale op sees its producer's decision
+            spec = get_qspec(node)
+            if spec is None or spec.skip or spec.activations.is_float or node.domain not in ("", "ai.onnx"):
+                continue
+            act = spec.activations
+            if node.op_type in COMPUTE_OPS:
+                if self._plan_compute(node, act, spec, plan):
+                    compute.append((node, spec))
+            elif node.op_type in SHARED_SCALE_OPS:
+                self._plan_shared(node, act, plan)
+            elif node.op_type in OWN_SCALE_OPS:
+                inputs = [v for v in node.inputs if _is_float(v)]
+                outputs = [v for v in node.outputs if _is_float(v) and v.name]
+                if inputs and outputs and len(node.outputs) == 1:
+                    for value in inputs:
+                        plan.add(value, act)
+                        plan.read_by(value, node)
+                    plan.add(outputs[0], act)
+                    plan.produced_quantized.add(outputs[0].name)
+        return plan, compute
+
+    def _plan_compute(self, node: ir.Node, act: QuantSpec, spec: NodeQuant, plan: _Plan) -> bool:
+        inputs = list(node.inputs)
+        if len(inputs) < 2 or not all(_is_float(v) for v in inputs[:2]):
+            return False
+        weight_is_const = is_constant(inputs[1])
+        if node.op_type in ("Conv", "ConvTranspose") and not weight_is_const:
+            return False  # a computed conv weight: leave the op in float
+        if is_constant(inputs[0]) or spec.weights.is_float:
+            return False
+        activations = [inputs[0]] if weight_is_const else inputs[:2]
+        for value in activations:
+            plan.add(value, act)
+            plan.read_by(value, node)
+        out = self._group_output(node)
+        plan.add(out, act)
+        plan.produced_quantized.add(out.name)
+        return True
+
+    def _group_output(self, node: ir.Node) -> ir.Value:
+        """The value whose Q ends the group: the op's output, or that of a Relu/Clip fused after it."""
+        out = node.outputs[0]
+        if not self.config.fuse_activations or out.is_graph_output() or len(out.uses()) != 1:
+            return out
+        consumer = next(iter(out.uses())).node
+        if consumer.op_type in FUSED_ACTIVATIONS and consumer.domain in ("", "ai.onnx"):
+            if consumer.op_type == "Clip" and not all(is_constant(v) for v in consumer.inputs[1:] if v is not None):
+                return out
+            return consumer.outputs[0]
+        return out
+
+    def _plan_shared(self, node: ir.Node, act: QuantSpec, plan: _Plan) -> None:
+        data_inputs = list(node.inputs) if node.op_type == "Concat" else node.inputs[:1]
+        data_inputs = [v for v in data_inputs if v is not None]
+        if not data_inputs or not any(v.name in plan.spec for v in data_inputs):
+            return  # only quantized where its input already is: never start a quantized region here
+        if not all(_is_float(v) for v in data_inputs):
+            return
+        outputs = [v for v in node.outputs if v.name]
+        for value in data_inputs:
+            plan.add(value, plan.spec.get(data_inputs[0].name, act))
+            plan.read_by(value, node)
+            plan.union(data_inputs[0].name, value.name)
+        for out in outputs:
+            plan.add(out, plan.spec[data_inputs[0].name])
+            plan.produced_quantized.add(out.name)
+            plan.union(data_inputs[0].name, out.name)
+
+    def _check_opset(self, opset: int, plan: _Plan, compute: list[tuple[ir.Node, NodeQuant]]) -> None:
+        if opset < 10:
+            raise OnnxqError(
+                f"the model is at opset {opset}; QuantizeLinear needs 10 or newer",
+                "add '- upgrade_opset: {target: 13}' as the first pass",
+            )
+        if opset < 13 and any(s.weights.granularity == "channel" for _, s in compute):
+            raise OnnxqError(
+                f"per-channel weights need opset 13, the model is at opset {opset}",
+                "add '- upgrade_opset: {target: 13}' before insert_qdq, or use weights granularity: tensor",
+            )
+        if opset < 21:
+            wide = {s.dtype for s in plan.spec.values()} & NEEDS_OPSET_21_ACT
+            wide |= {s.weights.dtype for _, s in compute} & NEEDS_OPSET_21
+            if wide:
+                raise OnnxqError(
+                    f"{sorted(wide)} Q/DQ need opset 21, the model is at opset {opset}",
+                    "add '- upgrade_opset: {target: 21}' before insert_qdq",
+                )
+        blocked = [n.name for n, s in compute if s.weights.granularity == "block"]
+        if blocked:
+            raise OnnxqError(
+                f"insert_qdq lowers per-tensor and per-channel weights; '{blocked[0]}' asks for blocks",
+                "use granularity: channel for int8 QDQ",
+            )
+
+    # --- parameters -------------------------------------------------------------------------------------
+
+    def _ranges(self, model: ir.Model, plan: _Plan) -> dict[str, TensorRange]:
+        values = {v.name: v for v in iter_values(model.graph) if v.name in plan.spec}
+        ranges: dict[str, TensorRange] = {}
+        to_collect = []
+        for name in plan.spec:
+            array = constant_array(values.get(name))
+            if array is not None:
+                ranges[name] = TensorRange(float(array.min()), float(array.max()))
+            else:
+                to_collect.append(name)
+        ranges.update(self.context.activation_ranges(model, to_collect))
+        missing = [n for n in to_collect if n not in ranges]
+        if missing:
+            raise OnnxqError(
+                f"no calibration range for '{missing[0]}' ({len(missing)} in all)",
+                "check that the calibration data reaches every quantized op",
+            )
+        return ranges
+
+    def _group_qparams(
+        self, plan: _Plan, ranges: dict[str, TensorRange]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+        groups: dict[str, list[str]] = {}
+        for name in plan.spec:
+            groups.setdefault(plan.find(name), []).append(name)
+        params: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+        for root, members in groups.items():
+            spec = plan.spec[root]
+            rmin = min(ranges[m].min for m in members)
+            rmax = max(ranges[m].max for m in members)
+            if not (np.isfinite(rmin) and np.isfinite(rmax)):
+                raise OnnxqError(
+                    f"the calibrated range of '{root}' is not finite ({rmin}, {rmax})",
+                    "check the calibration data for NaN/Inf or overflowing inputs",
+                )
+            scale, zero = qmath.qparams(rmin, rmax, spec.dtype, spec.symmetric)
+            for member in members:
+                params[member] = (scale, zero, spec.dtype)
+        return params
+
+    # --- rewriting --------------------------------------------------------------------------------------
+
+    def _insert_activation_qdq(self, graph: ir.Graph, plan: _Plan, qparams: dict) -> dict[str, ir.Value]:
+        values = {v.name: v for v in iter_values(graph) if v.name in plan.spec}
+        group_inits: dict[str, tuple[ir.Value, ir.Value]] = {}
+        dq_of: dict[str, ir.Value] = {}
+        for name, value in values.items():
+            root = plan.find(name)
+            scale, zero, dtype = qparams[name]
+            if root not in group_inits:
+                group_inits[root] = (
+                    add_initializer(graph, f"{root}_scale", np.asarray(scale, dtype=np.float32)),
+                    add_initializer(graph, f"{root}_zero_point", np.asarray(zero)),
+                )
+            scale_v, zero_v = group_inits[root]
+            q = ir.node("QuantizeLinear", [value, scale_v, zero_v], name=unique_name(graph, f"{name}_QuantizeLinear"))
+            q.outputs[0].name = unique_name(graph, f"{name}_quantized")
+            dq = ir.node(
+                "DequantizeLinear", [q.outputs[0], scale_v, zero_v], name=unique_name(graph, f"{name}_DequantizeLinear")
+            )
+            dq_out = dq.outputs[0]
+            dq_out.name = unique_name(graph, f"{name}_dequantized")
+            dq_out.dtype = ir.DataType.FLOAT
+            dq_out.shape = value.shape
+            q.outputs[0].dtype = ONNX_TYPES[dtype]
+            graph.extend([q, dq])
+            self._reroute(value, q, dq_out, plan.readers.get(name, set()), name in plan.produced_quantized)
+            dq_of[name] = dq_out
+        return dq_of
+
+    @staticmethod
+    def _reroute(value: ir.Value, q: ir.Node, dq_out: ir.Value, readers: set[int], produced_quantized: bool) -> None:
+        for use in list(value.uses()):
+            if use.node is q:
+                continue
+            if produced_quantized or id(use.node) in readers:
+                use.node.replace_input_with(use.idx, dq_out)
+        if produced_quantized and value.is_graph_output():
+            graph = value.graph
+            assert graph is not None
+            outputs = graph.outputs
+            index = next(i for i, v in enumerate(outputs) if v is value)
+            original = value.name
+            value.name = unique_name(graph, f"{original}_float")
+            outputs[index] = dq_out
+            dq_out.name = original
+
+    def _quantize_weight_and_bias(
+        self,
+        graph: ir.Graph,
+        node: ir.Node,
+        spec: NodeQuant,
+        dq_of: dict[str, ir.Value],
+        qparams: dict,
+        plan: _Plan,
+        cache: dict,
+    ) -> None:
+        weight_value = node.inputs[1]
+        weight = constant_array(weight_value)
+        if weight is None or weight_value is None:
+            return  # both MatMul inputs are activations: already handled as activations
+        wspec = spec.weights
+        axis = _weight_axis(node, weight, wspec)
+        key = (weight_value.name, wspec, axis)
+        if key not in cache:
+            q, scale, zero = qmath.quantize_weight(weight.astype(np.float32), wspec.dtype, wspec.symmetric, axis)
+            base = weight_value.name
+            q_init = add_initializer(graph, f"{base}_quantized", q)
+            q_init.dtype = ONNX_TYPES[wspec.dtype]
+            scale_init = add_initializer(graph, f"{base}_scale", scale if axis is not None else scale.reshape(()))
+            zero_init = add_initializer(graph, f"{base}_zero_point", zero if axis is not None else zero.reshape(()))
+            attrs = {"axis": axis} if axis is not None else {}
+            dq = ir.node(
+                "DequantizeLinear",
+                [q_init, scale_init, zero_init],
+                attributes=attrs,
+                name=unique_name(graph, f"{base}_DequantizeLinear"),
+            )
+            dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
+            dq.outputs[0].dtype = ir.DataType.FLOAT
+            dq.outputs[0].shape = ir.Shape(weight.shape)
+            dq.meta["onnxq.weight_scale"] = scale
+            graph.append(dq)
+            cache[key] = dq.outputs[0]
+        weight_dq = cache[key]
+        node.replace_input_with(1, weight_dq)
+        if self.config.quantize_bias and node.op_type in ("Conv", "Gemm"):
+            self._quantize_bias(graph, node, weight_dq, qparams)
+
+    @staticmethod
+    def _quantize_bias(graph: ir.Graph, node: ir.Node, weight_dq: ir.Value, qparams: dict) -> None:
+        if len(node.inputs) < 3 or node.inputs[2] is None:
+            return
+        bias = constant_array(node.inputs[2])
+        x = node.inputs[0]
+        if bias is None or bias.ndim != 1 or x is None:
+            return
+        if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
+            return
+        x_name = x.name
+        source = x.producer()
+        if source is not None and source.op_type == "DequantizeLinear":
+            x_name = source.inputs[0].producer().inputs[0].name  # type: ignore[union-attr]
+        if x_name not in qparams:
+            return
+        producer = weight_dq.producer()
+        assert producer is not None
+        w_scale = np.asarray(producer.meta["onnxq.weight_scale"], dtype=np.float32)
+        x_scale = float(qparams[x_name][0])
+        if w_scale.ndim and w_scale.shape[0] != bias.shape[0]:
+            return
+        q, scale = qmath.quantize_bias(bias, x_scale, w_scale)
+        base = node.inputs[2].name  # type: ignore[union-attr]
+        q_init = add_initializer(graph, f"{base}_quantized", q)
+        scale_init = add_initializer(graph, f"{base}_scale", scale if w_scale.ndim else scale.reshape(()))
+        zero_init = add_initializer(
+            graph, f"{base}_zero_point", np.zeros(scale.shape if w_scale.ndim else (), dtype=np.int32)
+        )
+        attrs = {"axis": 0} if w_scale.ndim else {}
+        dq = ir.node(
+            "DequantizeLinear",
+            [q_init, scale_init, zero_init],
+            attributes=attrs,
+            name=unique_name(graph, f"{base}_DequantizeLinear"),
+        )
+        dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        graph.append(dq)
+        node.replace_input_with(2, dq.outputs[0])

@@ -1,0 +1,1 @@
+"""Built-in recipes, installed as the data package `onnxq.recipes`; `onnxq run M --recipe int8` finds them."""
