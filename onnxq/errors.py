@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from onnx_ir.passes import PreconditionError
+
 
 class OnnxqError(Exception):
     """Base class: `str(err)` is the one line shown to the user. Exit code 2 unless overridden."""
@@ -27,6 +29,10 @@ class RecipeError(UsageError):
     def __init__(self, path: str, problem: str, fix: str | None = None) -> None:
         self.path = path
         super().__init__(f"recipe error at '{path}': {problem}" if path else f"recipe error: {problem}", fix)
+
+
+class MissingPrerequisite(OnnxqError, PreconditionError):
+    """A pass's `requires()` failed: onnx-ir's PassManager re-raises it as is, with our message."""
 
 
 class GateFailure(OnnxqError):

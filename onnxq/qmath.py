@@ -58,9 +58,10 @@ def qparams(
         if qmin < 0:
             scale = absmax / qmax
             zero = np.zeros_like(scale)
-        else:  # unsigned symmetric: centre the zero point
-            scale = absmax / ((qmax - qmin) / 2.0)
-            zero = np.full_like(scale, (qmax + qmin + 1) // 2)
+        else:  # unsigned symmetric: zero point at the middle code, +absmax at the top code
+            middle = (qmax + qmin + 1) // 2
+            scale = absmax / (qmax - middle)
+            zero = np.full_like(scale, middle)
     else:
         scale = (rmax - rmin) / (qmax - qmin)
         safe = np.where(scale > 0, scale, 1.0)

@@ -5,9 +5,11 @@ Placement is what onnxruntime fuses into integer kernels:
   a Relu/Clip right after the op is kept inside the group (Q goes after it: ReluQuantFusion removes it).
 - Weights become integer initializers + DequantizeLinear (per-channel along the output-channel axis);
   biases become int32 with scale s_x·s_w, the accumulator's scale.
-- Data-movement ops (Reshape, Transpose, MaxPool, Concat, …) whose input is quantized take their
-  input's scale: values joined by such ops form one group (union-find) sharing one scale and zero point,
-  so DQ→op→Q collapses to an integer op.
+- Data-movement ops (Reshape, Transpose, MaxPool, …) whose input is quantized take their input's scale:
+  values joined by such ops form one group (union-find) sharing one scale and zero point, so DQ→op→Q
+  collapses to an integer op. Concat is the exception by default: a shared scale would make a Relu
+  branch signed and stop onnxruntime from fusing that Conv+Relu, so each input keeps its scale and the
+  output gets the union range (QLinearConcat requantizes); `share_concat_scale` restores sharing.
 - A value produced by a quantized op is read through its DQ by every consumer; a value produced in
   float (a graph input, a float op) is read through the DQ only by the quantized consumers.
 """
@@ -21,7 +23,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxq import qmath
-from onnxq.errors import OnnxqError
+from onnxq.errors import MissingPrerequisite, OnnxqError
 from onnxq.pass_base import ACTIVATION_STATS, Pass, PassConfig, TensorRange
 from onnxq.qspec import (
     COMPUTE_OPS,
@@ -57,6 +59,11 @@ ONNX_TYPES = {
 
 class InsertQDQConfig(PassConfig):
     fuse_activations: bool = Field(True, description="put the output Q after a Relu/Clip that follows the op")
+    share_concat_scale: bool = Field(
+        False,
+        description="one scale for Concat inputs and output; off keeps each input's own scale (QLinearConcat "
+        "requantizes), which keeps Relu outputs unsigned so onnxruntime can still fuse Conv+Relu",
+    )
     quantize_bias: bool = Field(True, description="int32 bias (s_x·s_w) for Conv/Gemm, as integer kernels expect")
 
 
@@ -118,7 +125,7 @@ class InsertQDQ(Pass):
 
     def requires(self, model: ir.Model) -> None:
         if not any(get_qspec(n) for n in model.graph):
-            raise OnnxqError(
+            raise MissingPrerequisite(
                 "insert_qdq found no node annotated for quantization",
                 "run assign_precision (or another annotating pass) before insert_qdq",
             )
@@ -208,6 +215,13 @@ class InsertQDQ(Pass):
         if not all(_is_float(v) for v in data_inputs):
             return
         outputs = [v for v in node.outputs if v.name]
+        if node.op_type == "Concat" and not self.config.share_concat_scale:
+            for value in data_inputs:
+                plan.add(value, act)
+                plan.read_by(value, node)
+            plan.add(outputs[0], plan.spec[data_inputs[0].name])
+            plan.produced_quantized.add(outputs[0].name)
+            return
         for value in data_inputs:
             plan.add(value, plan.spec.get(data_inputs[0].name, act))
             plan.read_by(value, node)

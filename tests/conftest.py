@@ -1,0 +1,31 @@
+"""Shared fixtures: small real graphs saved to disk, and their calibration data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from builders import cnn_data, small_cnn
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "models" / "digits"
+
+
+@pytest.fixture
+def cnn_path(tmp_path: Path) -> Path:
+    path = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), path)
+    return path
+
+
+@pytest.fixture
+def cnn_calib(tmp_path: Path) -> Path:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=cnn_data())
+    return path

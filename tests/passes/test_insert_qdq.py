@@ -1,0 +1,101 @@
+"""Lowering: exact node counts, the placement onnxruntime fuses, and accuracy on a real session."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from builders import cnn_data, small_cnn
+from onnxq.calibration.readers import open_data
+from onnxq.passes import AssignPrecision, FoldBatchNorm, InsertQDQ
+from ort_util import optimized_op_counts, run
+
+from onnxq import ir as onnxq_ir
+from onnxq import qmath
+from onnxq.errors import MissingPrerequisite, OnnxqError
+from onnxq.pass_base import PassContext
+
+
+def _quantize(proto, **config):
+    model = onnxq_ir.from_proto(proto)
+    data = cnn_data(64)
+    context = PassContext(calibration_data=lambda: iter([{"x": data}]))
+    FoldBatchNorm(context=context)(model)
+    AssignPrecision(context=context)(model)
+    InsertQDQ(config, context=context)(model)
+    return model
+
+
+def test_small_cnn_gets_exact_qdq_layout_and_fuses_into_integer_kernels() -> None:
+    model = _quantize(small_cnn())
+    ops = collections.Counter(n.op_type for n in model.graph)
+    # activations: x, relu1, relu_a, conv_b, concat, maxpool (own input scale), relu2, flatten, logits
+    assert ops["QuantizeLinear"] == 9
+    # 9 activation DQs + 5 weights + 3 biases (conv1 after BN folding, conv2, fc)
+    assert ops["DequantizeLinear"] == 17
+    fused = optimized_op_counts(model)
+    assert fused["QLinearConv"] == 4
+    assert fused["QGemm"] == 1
+    assert fused["QLinearConcat"] == 1
+    assert fused["FusedConv"] == 0 and fused["Conv"] == 0  # no conv left in float
+
+
+def test_quantized_cnn_stays_close_to_float() -> None:
+    proto = small_cnn()
+    model = _quantize(proto)
+    x = cnn_data(128, seed=7)
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(model, {"x": x})
+    assert qmath.sqnr_db(ref, got) > 20
+    assert qmath.top1_agreement(ref, got) > 0.9
+
+
+def test_weights_are_int8_per_channel_and_bias_int32() -> None:
+    model = _quantize(small_cnn())
+    conv = next(n for n in model.graph if n.name == "conv2")
+    weight_dq = conv.inputs[1].producer()
+    assert weight_dq.op_type == "DequantizeLinear"
+    assert weight_dq.attributes.get_int("axis") == 0
+    assert weight_dq.inputs[0].const_value.numpy().dtype == np.int8
+    assert weight_dq.inputs[1].const_value.numpy().shape == (16,)
+    bias_dq = conv.inputs[2].producer()
+    assert bias_dq.inputs[0].const_value.numpy().dtype == np.int32
+    x_scale = conv.inputs[0].producer().inputs[1].const_value.numpy()
+    np.testing.assert_allclose(
+        bias_dq.inputs[1].const_value.numpy(), x_scale * weight_dq.inputs[1].const_value.numpy(), rtol=1e-6
+    )
+
+
+def test_shared_concat_scale_groups_inputs_and_output() -> None:
+    model = _quantize(small_cnn(), share_concat_scale=True)
+    concat = next(n for n in model.graph if n.op_type == "Concat")
+    scales = {v.producer().inputs[1].name for v in concat.inputs}
+    assert len(scales) == 1
+    quant = next(iter(concat.outputs[0].uses())).node
+    assert quant.op_type == "QuantizeLinear" and quant.inputs[1].name in scales
+
+
+def test_graph_output_name_is_kept_and_reads_the_dequantized_value() -> None:
+    model = _quantize(small_cnn())
+    (output,) = model.graph.outputs
+    assert output.name == "logits"
+    assert output.producer().op_type == "DequantizeLinear"
+
+
+def test_per_channel_on_old_opset_is_refused_with_the_fix() -> None:
+    with pytest.raises(OnnxqError, match="upgrade_opset"):
+        _quantize(small_cnn(opset=12))
+
+
+def test_missing_calibration_data_names_the_fix() -> None:
+    model = onnxq_ir.from_proto(small_cnn())
+    AssignPrecision()(model)
+    with pytest.raises(OnnxqError, match="--calib"):
+        InsertQDQ()(model)
+
+
+def test_insert_qdq_without_annotations_says_what_to_run_first() -> None:
+    model = onnxq_ir.from_proto(small_cnn())
+    with pytest.raises(MissingPrerequisite, match="assign_precision"):
+        InsertQDQ(context=PassContext(calibration_data=lambda: iter(open_data("synthetic", [])())))(model)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import numpy as np
+from builders import cnn_data, small_cnn
+from onnxq.passes import Simplify, UpgradeOpset
+from ort_util import run
+
+from onnxq import ir as onnxq_ir
+from onnxq import qmath
+
+
+def test_weights_in_constant_nodes_become_initializers() -> None:
+    proto = small_cnn(weights_as_constants=True)
+    model = onnxq_ir.from_proto(proto)
+    assert sum(n.op_type == "Constant" for n in model.graph) == 12
+    Simplify()(model)
+    assert sum(n.op_type == "Constant" for n in model.graph) == 0
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.inputs[1].const_value is not None
+    x = cnn_data(8)
+    assert qmath.sqnr_db(run(proto, {"x": x})[0], run(model, {"x": x})[0]) > 100
+
+
+def test_simplify_keeps_batchnorm_for_fold_batchnorm() -> None:
+    model = onnxq_ir.from_proto(small_cnn())
+    Simplify()(model)
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph) == 1
+
+
+def test_upgrade_from_opset_11_runs_and_never_downgrades() -> None:
+    proto = small_cnn(opset=11)
+    model = onnxq_ir.from_proto(proto)
+    assert UpgradeOpset(target=13)(model).modified
+    assert model.opset_imports[""] == 13
+    x = cnn_data(8)
+    np.testing.assert_allclose(run(proto, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    assert not UpgradeOpset(target=12)(model).modified
+    assert model.opset_imports[""] == 13
