@@ -37,7 +37,7 @@ def test_zero_is_exact(a: float, b: float, dtype: str, symmetric: bool) -> None:
 
 @given(arrays(np.float32, (4, 6), elements=finite))
 def test_per_channel_symmetric_weights_use_full_range_per_row(w: np.ndarray) -> None:
-    q, scale, zero = qmath.quantize_weight(w, "int8", True, axis=0)
+    q, _scale, zero = qmath.quantize_weight(w, "int8", True, axis=0)
     assert q.dtype == np.int8 and np.all(zero == 0)
     for row, qrow in zip(w, q, strict=True):
         if np.abs(row).max() > 1e-6:

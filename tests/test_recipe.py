@@ -39,7 +39,8 @@ def test_builtin_int8_is_the_file_under_recipes() -> None:
         ({"passes": [{"insert_qdk": {}}]}, "at 'passes[0]': unknown pass 'insert_qdk'; did you mean 'insert_qdq'?"),
         (
             {"passes": [{"insert_qdq": {"fuse_activation": True}}]},
-            "at 'passes[0].insert_qdq.fuse_activation': unknown key 'fuse_activation'; did you mean 'fuse_activations'?",
+            "at 'passes[0].insert_qdq.fuse_activation': unknown key 'fuse_activation'; "
+            "did you mean 'fuse_activations'?",
         ),
         ({"defaults": {"weights": {"dtype": "int9"}}}, "at 'defaults.weights.dtype'"),
         ({"passes": [{"assign_precision": {"rules": [{"op_type": ["Conv"]}]}}]}, "did you mean 'op_types'?"),
