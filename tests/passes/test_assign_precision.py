@@ -1,0 +1,59 @@
+"""assign_precision: defaults on target ops, rules in order (later wins), regex selectors, ignore."""
+
+from __future__ import annotations
+
+from builders import small_cnn
+from onnxq.passes import AssignPrecision
+
+from onnxq import ir as onnxq_ir
+from onnxq.pass_base import PassContext
+from onnxq.qspec import NodeQuant, QuantSpec, get_qspec
+
+
+def _specs(**config) -> dict[str, NodeQuant | None]:
+    model = onnxq_ir.from_proto(small_cnn())
+    AssignPrecision(config)(model)
+    return {n.name: get_qspec(n) for n in model.graph}
+
+
+def test_defaults_cover_compute_and_data_movement_ops_only() -> None:
+    specs = _specs()
+    annotated = sorted(name for name, spec in specs.items() if spec is not None)
+    assert annotated == ["concat", "conv1", "conv2", "conv_a", "conv_b", "fc", "flatten", "pool"]
+    assert specs["conv1"].weights == QuantSpec(dtype="int8", granularity="channel", symmetric=True)
+    assert specs["conv1"].activations.dtype == "uint8"
+
+
+def test_later_rules_override_earlier_fields() -> None:
+    specs = _specs(
+        rules=[
+            {"op_types": ["Conv"], "activations": {"dtype": "int8", "symmetric": True}},
+            {"names": ["re:^conv_[ab]$"], "skip": True},
+            {"names": ["conv_b"], "skip": False},
+        ]
+    )
+    assert specs["conv1"].activations.dtype == "int8"
+    assert specs["conv_a"].skip and not specs["conv_b"].skip
+    assert specs["conv_b"].activations.dtype == "int8"
+
+
+def test_rules_can_add_ops_outside_the_targets_and_ignore_wins() -> None:
+    specs = _specs(rules=[{"op_types": ["GlobalAveragePool"]}], ignore=[{"names": ["fc"]}])
+    assert specs["gap"] is not None and not specs["gap"].skip
+    assert specs["fc"].skip
+
+
+def test_context_defaults_are_used() -> None:
+    model = onnxq_ir.from_proto(small_cnn())
+    weights = QuantSpec(dtype="int8", granularity="tensor", symmetric=True)
+    AssignPrecision(context=PassContext(defaults=NodeQuant(weights=weights)))(model)
+    assert get_qspec(next(n for n in model.graph if n.name == "fc")).weights.granularity == "tensor"
+
+
+def test_frozen_annotations_are_never_overwritten() -> None:
+    model = onnxq_ir.from_proto(small_cnn())
+    conv = next(n for n in model.graph if n.name == "conv1")
+    frozen = NodeQuant(activations=QuantSpec(dtype="int8", symmetric=True), frozen_by="qat")
+    conv.meta["onnxq.qspec"] = frozen
+    AssignPrecision(rules=[{"op_types": ["Conv"], "skip": True}])(model)
+    assert get_qspec(conv) == frozen
