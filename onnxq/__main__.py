@@ -1,0 +1,5 @@
+"""`python -m onnxq` is the same as the `onnxq` command."""
+
+from onnxq.cli import main
+
+main()
