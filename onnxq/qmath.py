@@ -34,16 +34,23 @@ NUMPY_STORAGE: dict[str, type] = {
 MIN_SCALE = np.float32(1e-8)
 
 
-def qrange(dtype: str, symmetric: bool = False) -> tuple[int, int]:
-    """Integer range; symmetric signed types drop the lowest code so that -x and x both fit (-127..127)."""
+def qrange(dtype: str, symmetric: bool = False, reduce_range: bool = False) -> tuple[int, int]:
+    """Integer range. Symmetric signed types drop the lowest code so that -x and x both fit (-127..127).
+
+    `reduce_range` halves 8-bit ranges (int8 symmetric: -64..64): x86 integer kernels without VNNI
+    (AVX2, AVX-512BW) add pairs of u8·s8 products in int16, which saturates with full 8-bit weights
+    (255·127·2 > 32767) and silently costs ~10 dB of output SQNR; 255·64·2 fits.
+    """
     qmin, qmax = RANGES[dtype]
-    if symmetric and qmin < 0:
+    if reduce_range and dtype in ("int8", "uint8"):
+        qmin, qmax = (-64, 64) if qmin < 0 and symmetric else (qmin // 2, qmax // 2)
+    elif symmetric and qmin < 0:
         qmin = -qmax
     return qmin, qmax
 
 
 def qparams(
-    rmin: np.ndarray | float, rmax: np.ndarray | float, dtype: str, symmetric: bool
+    rmin: np.ndarray | float, rmax: np.ndarray | float, dtype: str, symmetric: bool, reduce_range: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point covering [rmin, rmax] (widened to include 0, so 0.0 is exact).
 
@@ -52,7 +59,7 @@ def qparams(
     """
     rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
     rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
-    qmin, qmax = qrange(dtype, symmetric)
+    qmin, qmax = qrange(dtype, symmetric, reduce_range)
     if symmetric:
         absmax = np.maximum(np.abs(rmin), np.abs(rmax))
         if qmin < 0:
@@ -101,14 +108,14 @@ def per_channel_minmax(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
 
 
 def quantize_weight(
-    w: np.ndarray, dtype: str, symmetric: bool, axis: int | None
+    w: np.ndarray, dtype: str, symmetric: bool, axis: int | None, reduce_range: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round-to-nearest weight quantization; `axis=None` for per-tensor. Returns (q, scale, zero)."""
     if axis is None:
         rmin, rmax = np.array(w.min()), np.array(w.max())
     else:
         rmin, rmax = per_channel_minmax(w, axis)
-    scale, zero = qparams(rmin, rmax, dtype, symmetric)
+    scale, zero = qparams(rmin, rmax, dtype, symmetric, reduce_range)
     return quantize(w, scale, zero, dtype, axis), scale, zero
 
 

@@ -74,6 +74,9 @@ class QuantSpec(_Frozen):
     axis: int | None = Field(None, description="channel axis; None picks the op's output-channel axis")
     block_size: int | None = Field(None, ge=16, le=256, description="elements per block (granularity=block)")
     symmetric: bool = False
+    reduce_range: bool = Field(
+        False, description="7-bit range for 8-bit types: avoids int16 saturation in x86 kernels without VNNI"
+    )
 
     @property
     def is_float(self) -> bool:
@@ -81,7 +84,7 @@ class QuantSpec(_Frozen):
 
 
 DEFAULT_ACTIVATIONS = QuantSpec(dtype="uint8", granularity="tensor", symmetric=False)
-DEFAULT_WEIGHTS = QuantSpec(dtype="int8", granularity="channel", symmetric=True)
+DEFAULT_WEIGHTS = QuantSpec(dtype="int8", granularity="channel", symmetric=True, reduce_range=True)
 
 
 class NodeQuant(_Frozen):

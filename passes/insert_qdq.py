@@ -364,7 +364,9 @@ class InsertQDQ(Pass):
         axis = _weight_axis(node, weight, wspec)
         key = (weight_value.name, wspec, axis)
         if key not in cache:
-            q, scale, zero = qmath.quantize_weight(weight.astype(np.float32), wspec.dtype, wspec.symmetric, axis)
+            q, scale, zero = qmath.quantize_weight(
+                weight.astype(np.float32), wspec.dtype, wspec.symmetric, axis, wspec.reduce_range
+            )
             base = weight_value.name
             q_init = add_initializer(graph, f"{base}_quantized", q)
             q_init.dtype = ONNX_TYPES[wspec.dtype]

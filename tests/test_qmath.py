@@ -92,3 +92,10 @@ def test_bias_scale_is_input_times_weight_scale() -> None:
 )
 def test_sqnr(ref: list[float], test: list[float], expected: float) -> None:
     assert qmath.sqnr_db(np.array(ref), np.array(test)) == pytest.approx(expected)
+
+
+@given(arrays(np.float32, (4, 6), elements=finite))
+def test_reduce_range_keeps_u8s8_pair_sums_inside_int16(w: np.ndarray) -> None:
+    q, _scale, _zero = qmath.quantize_weight(w, "int8", True, axis=0, reduce_range=True)
+    assert np.abs(q.astype(np.int32)).max() <= 64
+    assert 255 * 64 * 2 <= 32767

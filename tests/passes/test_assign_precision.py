@@ -20,7 +20,7 @@ def test_defaults_cover_compute_and_data_movement_ops_only() -> None:
     specs = _specs()
     annotated = sorted(name for name, spec in specs.items() if spec is not None)
     assert annotated == ["concat", "conv1", "conv2", "conv_a", "conv_b", "fc", "flatten", "pool"]
-    assert specs["conv1"].weights == QuantSpec(dtype="int8", granularity="channel", symmetric=True)
+    assert specs["conv1"].weights == QuantSpec(dtype="int8", granularity="channel", symmetric=True, reduce_range=True)
     assert specs["conv1"].activations.dtype == "uint8"
 
 
