@@ -23,7 +23,7 @@ SYNTHETIC = "synthetic"
 class InputSpec:
     name: str
     dtype: np.dtype
-    shape: tuple[int | None, ...]  # None where the dimension is symbolic or unknown
+    shape: tuple[int | None, ...]  # None where symbolic or unknown (old exporters write -1 or 0 for that)
 
     @property
     def batch_is_dynamic(self) -> bool:
@@ -37,7 +37,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.name in model.graph.initializers:
             continue
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-        shape = tuple(d if isinstance(d, int) else None for d in value.shape) if value.shape is not None else ()
+        shape = (
+            tuple(d if isinstance(d, int) and d > 0 else None for d in value.shape) if value.shape is not None else ()
+        )
         specs.append(InputSpec(value.name, np.dtype(dtype), shape))
     return specs
 

@@ -59,7 +59,7 @@ def collect_ranges(
     data: Callable[[], Iterator[Feeds]],
     *,
     method: str = "minmax",
-    batch_size: int = 8,
+    batch_size: int = 1,
     num_samples: int | None = None,
     show_progress: bool = False,
     **_: object,

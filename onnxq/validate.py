@@ -137,7 +137,7 @@ def validate_models(
     *,
     providers: list[str] = ("cpu",),  # type: ignore[assignment]
     labels: str = "label",
-    batch_size: int = 32,
+    batch_size: int = 1,
     gates: Any = None,
 ) -> list[ValidationResult]:
     results = []

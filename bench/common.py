@@ -1,0 +1,83 @@
+"""Shared bench plumbing: isolated child processes (so peak RSS is each quantizer's own), timing, metrics."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _child(fn: Callable[..., Any], args: tuple, queue: mp.Queue) -> None:
+    try:
+        cwd = tempfile.mkdtemp(prefix="onnxq-bench-")  # quantizers that litter write here, not in the repo
+        os.chdir(cwd)
+        started = time.perf_counter()
+        value = fn(*args)
+        seconds = time.perf_counter() - started
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        queue.put(("ok", value, seconds, peak_mb))
+    except BaseException as exc:  # report, never hang the parent
+        queue.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", 0.0, 0.0))
+
+
+def isolated(fn: Callable[..., Any], *args: Any, timeout: float = 1800) -> dict[str, Any]:
+    """Run fn(*args) in a fresh spawned process; returns value, wall seconds and peak RSS (MB) of that process."""
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    try:
+        status, value, seconds, peak = queue.get(timeout=timeout)
+    except Exception:
+        proc.kill()
+        return {"error": f"no result (exit code {proc.exitcode}; killed for memory or timeout?)"}
+    proc.join()
+    if status != "ok":
+        return {"error": value}
+    return {"value": value, "seconds": seconds, "peak_rss_mb": peak}
+
+
+def session(model: str | Path, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def outputs(model: str | Path, feeds: dict[str, np.ndarray], batch: int = 8) -> np.ndarray:
+    """First output over all samples, fed in batches (2 threads: the bench machine's cores)."""
+    sess = session(model, threads=2)
+    name = sess.get_inputs()[0].name
+    x = feeds[name]
+    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def latency_ms(model: str | Path, sample: dict[str, np.ndarray], budget_s: float = 3.0) -> float:
+    """Median 1-thread latency of one sample after warm-up, repeated within a time budget."""
+    sess = session(model, threads=1)
+    for _ in range(2):
+        sess.run(None, sample)
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        started = time.perf_counter()
+        sess.run(None, sample)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    from onnxq.qmath import sqnr_db as sqnr
+
+    return sqnr(ref, test)
