@@ -54,7 +54,7 @@ class Gates(_Strict):
 class ValidateConfig(_Strict):
     enabled: bool = True
     data: str | None = Field(None, description="evaluation data (.npz); defaults to the calibration data")
-    num_samples: int = Field(256, ge=1)
+    num_samples: int | None = Field(None, ge=1, description="samples to validate on; default all")
     batch_size: int = Field(1, ge=1, description="samples per run; larger batches cost memory, not time, on CPU")
     labels: str = Field("label", description="array in the data holding class labels, used when present")
     providers: list[Literal["cpu", "cuda", "tensorrt"]] = ["cpu"]
