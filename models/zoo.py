@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -47,7 +47,7 @@ class ZooModel:
 ZOO: dict[str, ZooModel] = {
     "ppocr_det": ZooModel(
         member="rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-        task="text detection: DB probability map [N,1,H,W] for a BGR image [N,3,H,W], H and W multiples of 32",
+        task="text detection: DB probability map [N,1,H,W] for a BGR image [N,3,H,W], H, W multiples of 32",
         sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
     ),
     "ppocr_rec": ZooModel(
@@ -138,7 +138,7 @@ def _extract(wheel: Path, member: str, dest: Path, sha256: str) -> None:
     with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
         h = hashlib.sha256()
 
-        def chunks() -> object:
+        def chunks() -> Iterator[bytes]:
             while block := src.read(1 << 20):
                 h.update(block)
                 yield block
@@ -148,15 +148,16 @@ def _extract(wheel: Path, member: str, dest: Path, sha256: str) -> None:
         raise RuntimeError(f"{member} in {wheel} has sha256 {h.hexdigest()}, expected {sha256}")
 
 
-def _atomic_write(dest: Path, blocks: object, check: object = None) -> None:
+def _atomic_write(dest: Path, blocks: Iterable[bytes], check: Callable[[], bool] | None = None) -> None:
     """Write ``blocks`` to a temp file next to ``dest`` and os.replace it in, so readers never see a
     partial file; if ``check()`` is false afterwards the temp file is dropped instead."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            for block in blocks:  # type: ignore[attr-defined]
+            for block in blocks:
                 f.write(block)
-        if check is None or check():  # type: ignore[operator]
+        if check is None or check():
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is shared, like pip's
             os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
