@@ -10,6 +10,7 @@ fresh process, so the peak RSS is that calibration's own. Goal: onnxq RSS(256) /
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -38,11 +39,12 @@ def write_shards(name: str, count: int, folder: Path, size: int) -> Path:
 
 
 def calibrate_onnxq(model: str, folder: str, count: int) -> int:
-    import onnxq
-    from onnxq import ir as onnxq_ir
     from onnxq.calibration.readers import input_specs, open_data
     from onnxq.calibration.session import collect_ranges
     from onnxq.passes import AssignPrecision
+
+    import onnxq
+    from onnxq import ir as onnxq_ir
 
     m = onnxq_ir.load(model)
     AssignPrecision()(m)
@@ -66,7 +68,8 @@ def calibrate_ort(model: str, folder: str, count: int) -> int:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.samples = (x[i : i + 1] for shard in shards for x in [np.load(shard)[name]] for i in range(len(x)))
+            every = (x[i : i + 1] for shard in shards for x in [np.load(shard)[name]] for i in range(len(x)))
+            self.samples = itertools.islice(every, count)
 
         def get_next(self):  # type: ignore[no-untyped-def]
             sample = next(self.samples, None)
@@ -101,8 +104,9 @@ def main() -> None:
             continue
         cells = []
         for count, r in by_count.items():
-            cells.append(f"{count}: {r['error']}" if "error" in r else
-                         f"{count}: {r['peak_rss_mb']:.0f} MB {r['seconds']:.1f} s")
+            cells.append(
+                f"{count}: {r['error']}" if "error" in r else f"{count}: {r['peak_rss_mb']:.0f} MB {r['seconds']:.1f} s"
+            )
         line = "  ".join(cells)
         ok = [r for r in by_count.values() if "error" not in r]
         if len(ok) == len(counts) >= 2:

@@ -98,13 +98,18 @@ def run(
             show_progress=show,
         )
     except GateFailure as failure:
-        result = getattr(failure, "result", None)
+        if not quiet and failure.result is not None:
+            _print_result(failure.result)
         raise
     if quiet:
         return
     if dry_run:
         _print_plan(result.plan or [])
         return
+    _print_result(result)
+
+
+def _print_result(result: Any) -> None:
     _print_passes(result)
     for validation in result.validation:
         _print_validation(validation)

@@ -36,9 +36,11 @@ class MissingPrerequisite(OnnxqError, PreconditionError):
 
 
 class GateFailure(OnnxqError):
-    """Validation gates failed: the model was written, but it is not good enough."""
+    """Validation gates failed: the model was written, but it is not good enough. `result` carries
+    the run's Result so callers can still show what was measured."""
 
     exit_code = 3
+    result: object | None = None
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

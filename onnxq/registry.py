@@ -38,5 +38,6 @@ def get(name: str, path: str = "passes") -> type[Pass]:
     if name not in eps:
         raise RecipeError(path, f"unknown pass '{name}'", did_you_mean(name, eps))
     cls = eps[name].load()
-    cls.name = name
+    if not getattr(cls, "name", None):  # a plugin that did not set it is known by its entry point
+        cls.name = name
     return cls

@@ -7,6 +7,7 @@ output atomically, and validates it against the untouched input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
@@ -123,7 +124,8 @@ def run(
             break
         pass_.requires(working)
         started = time.perf_counter()
-        outcome = pass_(working)
+        with _status(show_progress, f"{pass_.name}…"):
+            outcome = pass_(working)
         result.passes.append(PassRecord(pass_.name, time.perf_counter() - started, outcome.modified))
         context.invalidate(pass_.invalidates)
     result.calibration_seconds = context.timings.get("calibration", 0.0)
@@ -145,12 +147,23 @@ def run(
         result.report_path = _write_report(result, out_path)
     if not result.passed:
         failed = [g for v in result.validation for g in v.gates if not g.passed]
-        raise GateFailure(
+        failure = GateFailure(
             f"validation gate {failed[0].gate} failed: {failed[0].value:.4g} vs threshold {failed[0].threshold:g} "
             f"(model written to {out_path})",
             "inspect the report, keep sensitive nodes in float with a skip rule, or relax the gate",
         )
+        failure.result = result
+        raise failure
     return result
+
+
+def _status(enabled: bool, text: str) -> contextlib.AbstractContextManager[object]:
+    """A spinner on stderr while a pass runs (calibration draws its own progress bar inside)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
 
 
 def _output_path(source: Path | None, output: str | Path | None, dry_run: bool) -> Path | None:

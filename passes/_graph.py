@@ -7,8 +7,6 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from onnxq import ir as onnxq_ir
-
 
 def replace_model(model: ir.Model, new: ir.Model) -> None:
     """Move `new`'s contents into `model`: in-place passes that go through protobuf tools use this."""
@@ -92,7 +90,3 @@ def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
 
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return {v.name: v for v in iter_values(graph) if v.name}
-
-
-def to_onnx_roundtrip(model: ir.Model) -> ir.Model:
-    return onnxq_ir.from_proto(onnxq_ir.to_proto(model))
