@@ -367,23 +367,8 @@ class InsertQDQ(Pass):
             q, scale, zero = qmath.quantize_weight(
                 weight.astype(np.float32), wspec.dtype, wspec.symmetric, axis, wspec.reduce_range
             )
-            base = weight_value.name
-            q_init = add_initializer(graph, f"{base}_quantized", q)
-            q_init.dtype = ONNX_TYPES[wspec.dtype]
-            scale_init = add_initializer(graph, f"{base}_scale", scale if axis is not None else scale.reshape(()))
-            zero_init = add_initializer(graph, f"{base}_zero_point", zero if axis is not None else zero.reshape(()))
-            attrs = {"axis": axis} if axis is not None else {}
-            dq = ir.node(
-                "DequantizeLinear",
-                [q_init, scale_init, zero_init],
-                attributes=attrs,
-                name=unique_name(graph, f"{base}_DequantizeLinear"),
-            )
-            dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
-            dq.outputs[0].dtype = ir.DataType.FLOAT
-            dq.outputs[0].shape = ir.Shape(weight.shape)
+            dq = _dequantized_constant(graph, weight_value.name, q, scale, zero, axis, ONNX_TYPES[wspec.dtype])
             dq.meta["onnxq.weight_scale"] = scale
-            graph.append(dq)
             cache[key] = dq.outputs[0]
         weight_dq = cache[key]
         node.replace_input_with(1, weight_dq)
@@ -413,20 +398,36 @@ class InsertQDQ(Pass):
         if w_scale.ndim and w_scale.shape[0] != bias.shape[0]:
             return
         q, scale = qmath.quantize_bias(bias, x_scale, w_scale)
-        base = node.inputs[2].name  # type: ignore[union-attr]
-        q_init = add_initializer(graph, f"{base}_quantized", q)
-        scale_init = add_initializer(graph, f"{base}_scale", scale if w_scale.ndim else scale.reshape(()))
-        zero_init = add_initializer(
-            graph, f"{base}_zero_point", np.zeros(scale.shape if w_scale.ndim else (), dtype=np.int32)
-        )
-        attrs = {"axis": 0} if w_scale.ndim else {}
-        dq = ir.node(
-            "DequantizeLinear",
-            [q_init, scale_init, zero_init],
-            attributes=attrs,
-            name=unique_name(graph, f"{base}_DequantizeLinear"),
-        )
-        dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        graph.append(dq)
+        zero = np.zeros(scale.shape, dtype=np.int32)
+        dq = _dequantized_constant(graph, node.inputs[2].name, q, scale, zero, 0 if w_scale.ndim else None)  # type: ignore[union-attr]
         node.replace_input_with(2, dq.outputs[0])
+
+
+def _dequantized_constant(
+    graph: ir.Graph,
+    base: str,
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    axis: int | None,
+    dtype: ir.DataType | None = None,
+) -> ir.Node:
+    """Integer initializer + scale + zero point + DequantizeLinear (per-channel along `axis`, else per-tensor)."""
+    q_init = add_initializer(graph, f"{base}_quantized", q)
+    if dtype is not None:
+        q_init.dtype = dtype  # int4 is stored widened in numpy; the ONNX type says what it is
+    if axis is None:
+        scale, zero = scale.reshape(()), zero.reshape(())
+    scale_init = add_initializer(graph, f"{base}_scale", scale)
+    zero_init = add_initializer(graph, f"{base}_zero_point", zero)
+    dq = ir.node(
+        "DequantizeLinear",
+        [q_init, scale_init, zero_init],
+        attributes={"axis": axis} if axis is not None else {},
+        name=unique_name(graph, f"{base}_DequantizeLinear"),
+    )
+    dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = ir.Shape(q.shape)
+    graph.append(dq)
+    return dq
