@@ -166,7 +166,7 @@ def print_table(rows: list[dict]) -> None:
             f"{r['latency_ms']:.1f}",
             f"{r['speedup']:.2f}",
         )
-    Console().print(table)
+    Console(width=170).print(table)
     for model in dict.fromkeys(r["model"] for r in rows):
         ours = next((r for r in rows if r["model"] == model and r["quantizer"] == "onnxq" and "metric" in r), None)
         theirs = next(
