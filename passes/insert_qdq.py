@@ -135,6 +135,9 @@ class InsertQDQ(Pass):
         opset = default_opset(model)
         plan, compute_nodes = self._plan(graph)
         if not plan.spec:
+            self.context.notes.append(
+                "insert_qdq: no float32 activation reaches an annotated op (an fp16 model?); nothing quantized"
+            )
             return ir.passes.PassResult(model, modified=False)
         self._check_opset(opset, plan, compute_nodes)
         ranges = self._ranges(model, plan)
