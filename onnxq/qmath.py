@@ -73,7 +73,8 @@ def qparams(
         scale = (rmax - rmin) / (qmax - qmin)
         safe = np.where(scale > 0, scale, 1.0)
         zero = np.clip(np.round(qmin - rmin / safe), qmin, qmax)
-    scale = np.maximum(scale, MIN_SCALE).astype(np.float32)
+    # An all-zero tensor: any scale is exact; 1.0 (as onnxruntime does) keeps derived bias scales sane.
+    scale = np.where(scale == 0, 1.0, np.maximum(scale, MIN_SCALE)).astype(np.float32)
     return scale, zero.astype(NUMPY_STORAGE[dtype])
 
 
@@ -108,21 +109,45 @@ def per_channel_minmax(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
 
 
 def quantize_weight(
-    w: np.ndarray, dtype: str, symmetric: bool, axis: int | None, reduce_range: bool = False
+    w: np.ndarray,
+    dtype: str,
+    symmetric: bool,
+    axis: int | None,
+    reduce_range: bool = False,
+    min_scale: np.ndarray | float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round-to-nearest weight quantization; `axis=None` for per-tensor. Returns (q, scale, zero)."""
+    """Round-to-nearest weight quantization; `axis=None` for per-tensor. Returns (q, scale, zero).
+
+    `min_scale` floors the scale (per channel): the bias of an integer kernel is stored at s_x·s_w in
+    int32, so a large bias over a tiny input scale needs a coarser weight scale to fit (see bias_min_weight_scale).
+    """
     if axis is None:
         rmin, rmax = np.array(w.min()), np.array(w.max())
     else:
         rmin, rmax = per_channel_minmax(w, axis)
     scale, zero = qparams(rmin, rmax, dtype, symmetric, reduce_range)
+    if min_scale is not None and np.any(np.asarray(min_scale) > scale):
+        scale = np.maximum(scale, np.asarray(min_scale, dtype=np.float32)).astype(np.float32)
+        if not symmetric:
+            qmin, qmax = qrange(dtype, symmetric, reduce_range)
+            zero = np.clip(np.round(qmin - np.minimum(rmin, 0) / scale), qmin, qmax).astype(zero.dtype)
     return quantize(w, scale, zero, dtype, axis), scale, zero
+
+
+# Largest |bias| in int32 codes: half the range, leaving the rest for the sum of products.
+BIAS_LIMIT = 2**30
+
+
+def bias_min_weight_scale(bias: np.ndarray, input_scale: float, per_channel: bool) -> np.ndarray:
+    """Smallest weight scale for which the bias fits in ±BIAS_LIMIT codes at scale s_x·s_w."""
+    need = np.abs(bias.astype(np.float64)) / (np.float64(input_scale) * BIAS_LIMIT)
+    return (need if per_channel else np.asarray(need.max(initial=0.0))).astype(np.float32)
 
 
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int32 bias with scale s_x * s_w, the layout integer Conv/Gemm kernels accumulate in."""
+    # Exactly s_x·s_w (no floor): integer kernels take the bias as already being at that scale.
     scale = (np.float64(input_scale) * weight_scale.astype(np.float64)).astype(np.float32)
-    scale = np.maximum(scale, MIN_SCALE)
     q = np.clip(np.rint(bias.astype(np.float64) / scale), *RANGES["int32"]).astype(np.int32)
     return q, scale
 

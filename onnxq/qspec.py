@@ -14,6 +14,8 @@ import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 QSPEC_KEY = "onnxq.qspec"
+# Set on the graph by annotating passes: "annotations were decided", even when no node got one.
+ANNOTATED_KEY = "onnxq.annotated"
 
 DType = Literal["int4", "uint4", "int8", "uint8", "int16", "uint16", "fp16", "fp32"]
 Granularity = Literal["tensor", "channel", "block"]

@@ -11,7 +11,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxq.pass_base import Pass, PassConfig
-from onnxq.qspec import DEFAULT_TARGETS, Rule, Selector, get_qspec, set_qspec
+from onnxq.qspec import ANNOTATED_KEY, DEFAULT_TARGETS, Rule, Selector, get_qspec, set_qspec
 
 
 class AssignPrecisionConfig(PassConfig):
@@ -44,4 +44,5 @@ class AssignPrecision(Pass):
                 spec = spec.model_copy(update={"skip": True})
             set_qspec(node, spec)
             count += spec is not None and not spec.skip
+        model.graph.meta[ANNOTATED_KEY] = True
         return ir.passes.PassResult(model, modified=count > 0)

@@ -26,6 +26,7 @@ from onnxq import qmath
 from onnxq.errors import MissingPrerequisite, OnnxqError
 from onnxq.pass_base import ACTIVATION_STATS, Pass, PassConfig, TensorRange
 from onnxq.qspec import (
+    ANNOTATED_KEY,
     COMPUTE_OPS,
     FUSED_ACTIVATIONS,
     OWN_SCALE_OPS,
@@ -124,7 +125,7 @@ class InsertQDQ(Pass):
     lowers = True
 
     def requires(self, model: ir.Model) -> None:
-        if not any(get_qspec(n) for n in model.graph):
+        if not model.graph.meta.get(ANNOTATED_KEY) and not any(get_qspec(n) for n in model.graph):
             raise MissingPrerequisite(
                 "insert_qdq found no node annotated for quantization",
                 "run assign_precision (or another annotating pass) before insert_qdq",
@@ -142,10 +143,10 @@ class InsertQDQ(Pass):
         self._check_opset(opset, plan, compute_nodes)
         ranges = self._ranges(model, plan)
         qparams = self._group_qparams(plan, ranges)
-        dq_of = self._insert_activation_qdq(graph, plan, qparams)
+        self._insert_activation_qdq(graph, plan, qparams)
         weight_cache: dict[tuple[str, QuantSpec, int | None], ir.Value] = {}
         for node, spec in compute_nodes:
-            self._quantize_weight_and_bias(graph, node, spec, dq_of, qparams, plan, weight_cache)
+            self._quantize_weight_and_bias(graph, node, spec, qparams, weight_cache)
         graph.sort()
         forget_names(graph)
         self.context.notes.append(
@@ -304,10 +305,9 @@ class InsertQDQ(Pass):
 
     # --- rewriting --------------------------------------------------------------------------------------
 
-    def _insert_activation_qdq(self, graph: ir.Graph, plan: _Plan, qparams: dict) -> dict[str, ir.Value]:
+    def _insert_activation_qdq(self, graph: ir.Graph, plan: _Plan, qparams: dict) -> None:
         values = {v.name: v for v in iter_values(graph) if v.name in plan.spec}
         group_inits: dict[str, tuple[ir.Value, ir.Value]] = {}
-        dq_of: dict[str, ir.Value] = {}
         for name, value in values.items():
             root = plan.find(name)
             scale, zero, dtype = qparams[name]
@@ -329,8 +329,6 @@ class InsertQDQ(Pass):
             q.outputs[0].dtype = ONNX_TYPES[dtype]
             graph.extend([q, dq])
             self._reroute(value, q, dq_out, plan.readers.get(name, set()), name in plan.produced_quantized)
-            dq_of[name] = dq_out
-        return dq_of
 
     @staticmethod
     def _reroute(value: ir.Value, q: ir.Node, dq_out: ir.Value, readers: set[int], produced_quantized: bool) -> None:
@@ -350,14 +348,7 @@ class InsertQDQ(Pass):
             dq_out.name = original
 
     def _quantize_weight_and_bias(
-        self,
-        graph: ir.Graph,
-        node: ir.Node,
-        spec: NodeQuant,
-        dq_of: dict[str, ir.Value],
-        qparams: dict,
-        plan: _Plan,
-        cache: dict,
+        self, graph: ir.Graph, node: ir.Node, spec: NodeQuant, qparams: dict, cache: dict
     ) -> None:
         weight_value = node.inputs[1]
         weight = constant_array(weight_value)
@@ -365,45 +356,50 @@ class InsertQDQ(Pass):
             return  # both MatMul inputs are activations: already handled as activations
         wspec = spec.weights
         axis = _weight_axis(node, weight, wspec)
+        bias = self._bias_to_quantize(node, weight, axis, qparams)
+        min_scale = None if bias is None else qmath.bias_min_weight_scale(bias[0], bias[1], axis is not None)
         key = (weight_value.name, wspec, axis)
-        if key not in cache:
+        cached = cache.get(key)
+        if cached is None or (min_scale is not None and np.any(min_scale > cached.producer().meta["onnxq.scale"])):
+            # A bias that would overflow int32 at s_x·s_w floors this node's weight scale: it gets its own DQ.
             q, scale, zero = qmath.quantize_weight(
-                weight.astype(np.float32), wspec.dtype, wspec.symmetric, axis, wspec.reduce_range
+                weight.astype(np.float32), wspec.dtype, wspec.symmetric, axis, wspec.reduce_range, min_scale
             )
             dq = _dequantized_constant(graph, weight_value.name, q, scale, zero, axis, ONNX_TYPES[wspec.dtype])
-            dq.meta["onnxq.weight_scale"] = scale
-            cache[key] = dq.outputs[0]
-        weight_dq = cache[key]
-        node.replace_input_with(1, weight_dq)
-        if self.config.quantize_bias and node.op_type in ("Conv", "Gemm"):
-            self._quantize_bias(graph, node, weight_dq, qparams)
+            cached = dq.outputs[0]
+            if key not in cache:
+                cache[key] = cached
+        node.replace_input_with(1, cached)
+        if bias is not None:
+            b, x_scale = bias
+            w_scale = cached.producer().meta["onnxq.scale"]
+            q, scale = qmath.quantize_bias(b, x_scale, w_scale)
+            dq = _dequantized_constant(
+                graph, node.inputs[2].name, q, scale, np.zeros(scale.shape, np.int32), 0 if axis is not None else None
+            )
+            node.replace_input_with(2, dq.outputs[0])
 
-    @staticmethod
-    def _quantize_bias(graph: ir.Graph, node: ir.Node, weight_dq: ir.Value, qparams: dict) -> None:
-        if len(node.inputs) < 3 or node.inputs[2] is None:
-            return
+    def _bias_to_quantize(
+        self, node: ir.Node, weight: np.ndarray, axis: int | None, qparams: dict
+    ) -> tuple[np.ndarray, float] | None:
+        """(bias, input scale) when this node's bias becomes int32 at s_x·s_w, as integer kernels expect."""
+        if not self.config.quantize_bias or node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3:
+            return None
         bias = constant_array(node.inputs[2])
-        x = node.inputs[0]
-        if bias is None or bias.ndim != 1 or x is None:
-            return
+        if bias is None or bias.ndim != 1 or node.inputs[0] is None:
+            return None
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
-            return
-        x_name = x.name
+            return None
+        if axis is not None and weight.shape[axis] != bias.shape[0]:
+            return None
+        x = node.inputs[0]
         source = x.producer()
+        x_name = x.name
         if source is not None and source.op_type == "DequantizeLinear":
             x_name = source.inputs[0].producer().inputs[0].name  # type: ignore[union-attr]
         if x_name not in qparams:
-            return
-        producer = weight_dq.producer()
-        assert producer is not None
-        w_scale = np.asarray(producer.meta["onnxq.weight_scale"], dtype=np.float32)
-        x_scale = float(qparams[x_name][0])
-        if w_scale.ndim and w_scale.shape[0] != bias.shape[0]:
-            return
-        q, scale = qmath.quantize_bias(bias, x_scale, w_scale)
-        zero = np.zeros(scale.shape, dtype=np.int32)
-        dq = _dequantized_constant(graph, node.inputs[2].name, q, scale, zero, 0 if w_scale.ndim else None)  # type: ignore[union-attr]
-        node.replace_input_with(2, dq.outputs[0])
+            return None
+        return bias, float(qparams[x_name][0])
 
 
 def _dequantized_constant(
@@ -432,5 +428,6 @@ def _dequantized_constant(
     dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
     dq.outputs[0].dtype = ir.DataType.FLOAT
     dq.outputs[0].shape = ir.Shape(q.shape)
+    dq.meta["onnxq.scale"] = scale
     graph.append(dq)
     return dq

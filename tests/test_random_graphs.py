@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,12 @@ def random_model(draw) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     return model, (c, hw0)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# ONNXQ_FUZZ_EXAMPLES=500 for a longer local run; CI runs 25 fixed (derandomized) examples.
+@settings(
+    max_examples=int(os.environ.get("ONNXQ_FUZZ_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(random_model())
 def test_random_graphs_quantize_run_and_stay_close(
     tmp_path: Path, case: tuple[onnx.ModelProto, tuple[int, int]]

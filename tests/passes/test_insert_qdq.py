@@ -115,3 +115,60 @@ def test_fused_integer_kernels_match_qdq_reference_semantics() -> None:
         session = ort.InferenceSession(onnxq_ir.model_bytes(model), options, providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {"x": x})[0])
     assert qmath.sqnr_db(outputs[0], outputs[1]) > 35
+
+
+def test_model_with_nothing_to_quantize_is_left_valid() -> None:
+    """Regression (found by the random-graph test): a lone Sigmoid has no target op; not an error."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Sigmoid", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = onnxq_ir.from_proto(proto)
+    context = PassContext(calibration_data=lambda: iter([{"x": np.ones((2, 4), np.float32)}]))
+    AssignPrecision(context=context)(model)
+    assert not InsertQDQ(context=context)(model).modified
+    assert "nothing quantized" in context.notes[-1]
+
+
+def _gemm_after_scaling(factor: float):
+    """x·factor → Gemm with a large bias: the Gemm input range is zero (factor 0) or tiny."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(factor, np.float32), "k"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (3, 8)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([1.5, -0.7, 0.2], np.float32), "b"),
+    ]
+    nodes = [helper.make_node("Mul", ["x", "k"], ["xs"]), helper.make_node("Gemm", ["xs", "w", "b"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+@pytest.mark.parametrize("factor", [0.0, 1e-9])
+def test_bias_never_overflows_int32_when_the_input_range_is_zero_or_tiny(factor: float) -> None:
+    """Regression (random-graph test): a dead input made s_x·s_w tiny and the int32 bias wrap around."""
+    proto = _gemm_after_scaling(factor)
+    model = onnxq_ir.from_proto(proto)
+    x = np.random.default_rng(1).uniform(-1, 1, (16, 8)).astype(np.float32)
+    context = PassContext(calibration_data=lambda: iter([{"x": x}]))
+    AssignPrecision(context=context)(model)
+    InsertQDQ(context=context)(model)
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(model, {"x": x})
+    assert qmath.sqnr_db(ref, got) > 30
+    fused = optimized_op_counts(model)
+    assert fused["QGemm"] == 1
