@@ -222,12 +222,14 @@ def inspect(model: Annotated[Path, typer.Argument(help="an .onnx model")]) -> No
         out.print(f"  input  {spec.name}: {spec.dtype} {['?' if d is None else d for d in spec.shape]}")
     for value in g.outputs:
         shape = [d if isinstance(d, int) else "?" for d in value.shape] if value.shape is not None else "?"
-        out.print(f"  output {value.name}: {value.dtype} {shape}")
+        dtype = value.dtype.numpy() if value.dtype is not None else "?"
+        out.print(f"  output {value.name}: {dtype} {shape}")
     weight_bytes = sum(v.const_value.nbytes for v in g.initializers.values() if v.const_value is not None)
-    constants = sum(1 for n in g if n.op_type == "Constant")
+    constants = [n for n in g if n.op_type == "Constant" and "value" in n.attributes]
+    constant_bytes = sum(n.attributes["value"].as_tensor().nbytes for n in constants)
     out.print(
-        f"  {len(g.initializers)} initializers ({weight_bytes / 1e6:.2f} MB), {constants} Constant nodes, "
-        f"{g.num_nodes()} nodes (with subgraphs)"
+        f"  {len(g.initializers)} initializers ({weight_bytes / 1e6:.2f} MB), {len(constants)} Constant nodes "
+        f"({constant_bytes / 1e6:.2f} MB: weights in the graph, lifted by simplify), {g.num_nodes()} nodes"
     )
     counts = Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in g)
     table = Table(title="ops", title_justify="left")
