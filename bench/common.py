@@ -63,18 +63,25 @@ def outputs(model: str | Path, feeds: dict[str, np.ndarray], batch: int = 8) -> 
     return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def latency_ms(model: str | Path, sample: dict[str, np.ndarray], budget_s: float = 3.0) -> float:
-    """Median 1-thread latency of one sample after warm-up, repeated within a time budget."""
-    sess = session(model, threads=1)
-    for _ in range(2):
-        sess.run(None, sample)
-    times: list[float] = []
+def latencies_ms(
+    models: dict[str, str | Path], sample: dict[str, np.ndarray], budget_s: float = 6.0
+) -> dict[str, float]:
+    """Median 1-thread latency of one sample per model, measured interleaved (one run of each model per
+    round), so machine-wide drift hits every model alike and the ratios stay meaningful."""
+    sessions = {label: session(path, threads=1) for label, path in models.items()}
+    for sess in sessions.values():
+        for _ in range(3):
+            sess.run(None, sample)
+    times: dict[str, list[float]] = {label: [] for label in sessions}
     deadline = time.perf_counter() + budget_s
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
-        started = time.perf_counter()
-        sess.run(None, sample)
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    rounds = 0
+    while rounds < 7 or (time.perf_counter() < deadline and rounds < 1000):
+        for label, sess in sessions.items():
+            started = time.perf_counter()
+            sess.run(None, sample)
+            times[label].append(time.perf_counter() - started)
+        rounds += 1
+    return {label: 1000 * statistics.median(values) for label, values in times.items()}
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:

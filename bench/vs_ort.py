@@ -21,7 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import isolated, latency_ms, outputs, sqnr_db  # noqa: E402
+from bench.common import isolated, latencies_ms, outputs, sqnr_db  # noqa: E402
 from models import ppocr, zoo  # noqa: E402
 
 NAMES = {"cls": "ppocr_cls", "rec": "ppocr_rec", "det": "ppocr_det"}
@@ -89,16 +89,9 @@ def bench_model(short: str, n_calib: int, n_eval: int, work: Path) -> list[dict]
     input_name = next(iter(evaluation))
     sample = {input_name: evaluation[input_name][:1]}
     reference = outputs(model, evaluation)
-    float_ms = latency_ms(model, sample)
     float_bytes = Path(model).stat().st_size
-    rows = [
-        {
-            "model": short,
-            "quantizer": "fp32",
-            "metric": task_metric(name, reference, reference, labels)[1],
-            "latency_ms": float_ms,
-        }
-    ]
+    rows = [{"model": short, "quantizer": "fp32", "metric": task_metric(name, reference, reference, labels)[1]}]
+    runnable = {"fp32": model}
     for label, fn in (("onnxruntime", quantize_ort), ("onnxq", quantize_onnxq)):
         out = str(work / f"{short}.{label}.onnx")
         run = isolated(fn, model, calib, out)
@@ -112,7 +105,7 @@ def bench_model(short: str, n_calib: int, n_eval: int, work: Path) -> list[dict]
             rows.append({**row, "error": f"does not run: {str(exc).splitlines()[0][:120]}"})
             continue
         metric_name, metric = task_metric(name, reference, test, labels)
-        q_ms = latency_ms(out, sample)
+        runnable[label] = out
         rows.append(
             {
                 **row,
@@ -122,10 +115,13 @@ def bench_model(short: str, n_calib: int, n_eval: int, work: Path) -> list[dict]
                 "sqnr_db": sqnr_db(reference, test),
                 "metric_name": metric_name,
                 "metric": metric,
-                "latency_ms": q_ms,
-                "speedup": float_ms / q_ms,
             }
         )
+    latency = latencies_ms(runnable, sample)
+    for row in rows:
+        if row["quantizer"] in latency:
+            row["latency_ms"] = latency[row["quantizer"]]
+            row["speedup"] = latency["fp32"] / row["latency_ms"]
     return rows
 
 
