@@ -39,12 +39,11 @@ def write_shards(name: str, count: int, folder: Path, size: int) -> Path:
 
 
 def calibrate_onnxq(model: str, folder: str, count: int) -> int:
+    import onnxq
+    from onnxq import ir as onnxq_ir
     from onnxq.calibration.readers import input_specs, open_data
     from onnxq.calibration.session import collect_ranges
     from onnxq.passes import AssignPrecision
-
-    import onnxq
-    from onnxq import ir as onnxq_ir
 
     m = onnxq_ir.load(model)
     AssignPrecision()(m)

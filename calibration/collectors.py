@@ -1,15 +1,21 @@
 """Streaming, mergeable statistics collectors. Memory is independent of the number of samples.
 
-A collector sees per-batch reductions computed in-graph by onnxruntime (`min`, `max` of each tensor), so
-Python never holds whole activations. `merge` is what lets collection shard across processes.
+Each collector declares the per-batch values it needs from the instrumented session (`reductions`):
+exact `min`/`max` computed in-graph, and for the histogram methods a strided `sample` of the tensor
+(also taken in-graph), so Python never holds whole activations of many samples. `merge` makes
+collection shardable; `result()` turns the state into one range per tensor.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
+from onnxq import qmath
+from onnxq.calibration.histogram import StreamingHistogram
 from onnxq.pass_base import TensorRange
 
 
@@ -17,7 +23,7 @@ from onnxq.pass_base import TensorRange
 class MinMaxCollector:
     """Running min and max of each tensor over all samples."""
 
-    reductions = ("min", "max")
+    reductions: ClassVar[tuple[str, ...]] = ("min", "max")
     mins: dict[str, float] = field(default_factory=dict)
     maxs: dict[str, float] = field(default_factory=dict)
 
@@ -34,8 +40,131 @@ class MinMaxCollector:
             merged.maxs[name] = max(hi, merged.maxs.get(name, hi))
         return merged
 
-    def result(self) -> dict[str, TensorRange]:
+    def result(self, exact: frozenset[str] = frozenset()) -> dict[str, TensorRange]:
         return {name: TensorRange(self.mins[name], self.maxs[name]) for name in self.mins}
 
 
-COLLECTORS = {"minmax": MinMaxCollector}
+@dataclass
+class HistogramCollector:
+    """Base of the histogram methods: one StreamingHistogram per tensor; subclasses pick the range."""
+
+    reductions: ClassVar[tuple[str, ...]] = ("min", "max", "sample")
+    bins: int = 2048
+    hists: dict[str, StreamingHistogram] = field(default_factory=dict)
+
+    def update(self, name: str, reduced: dict[str, np.ndarray]) -> None:
+        hist = self.hists.setdefault(name, StreamingHistogram(max_bins=self.bins))
+        hist.update(reduced["sample"], lo=float(np.min(reduced["min"])), hi=float(np.max(reduced["max"])))
+
+    def merge(self, other: HistogramCollector) -> HistogramCollector:
+        merged = type(self)(**{k: v for k, v in vars(self).items() if k != "hists"})
+        merged.hists = dict(self.hists)
+        for name, hist in other.hists.items():
+            merged.hists[name] = merged.hists[name].merge(hist) if name in merged.hists else hist
+        return merged
+
+    def result(self, exact: frozenset[str] = frozenset()) -> dict[str, TensorRange]:
+        """Ranges per tensor; those in `exact` keep their true extremes (e.g. logits: never clip them)."""
+        return {
+            name: TensorRange(hist.min, hist.max) if name in exact else self.range_of(hist)
+            for name, hist in self.hists.items()
+        }
+
+    def range_of(self, hist: StreamingHistogram) -> TensorRange:
+        raise NotImplementedError
+
+
+@dataclass
+class PercentileCollector(HistogramCollector):
+    """Clip at the given percentile of each side: drops rare outliers that stretch a min-max range."""
+
+    percentile: float = 99.99
+
+    def range_of(self, hist: StreamingHistogram) -> TensorRange:
+        q = self.percentile / 100.0
+        return TensorRange(min(hist.quantile(1.0 - q), 0.0), max(hist.quantile(q), 0.0))
+
+
+@dataclass
+class EntropyCollector(HistogramCollector):
+    """TensorRT's KL-divergence threshold on |x|: the clip that best preserves the distribution's shape."""
+
+    candidates: int = 256
+    max_clipped: float = 0.001
+
+    def range_of(self, hist: StreamingHistogram) -> TensorRange:
+        """KL threshold, but never clipping more than `max_clipped` of the values: on bimodal tensors
+        (PP-OCRv4 rec: 97.7% of a HardSwish output near 0, the signal in a 2.3% tail) plain KL cut at
+        the cluster's edge and zeroed the signal (output SQNR 2.2 dB)."""
+        counts, width = hist.abs_histogram()
+        # uint8 spends its codes on [min, max]: a (nearly) one-sided tensor has ~255 levels for |x|, not 128.
+        levels = 255 if hist.min >= -0.1 * max(hist.max, 0.0) else 128
+        kept_bins = kl_threshold_bins(counts, levels, self.candidates)
+        cumulative = np.cumsum(counts)
+        if cumulative[-1] > 0:
+            floor_bins = int(np.searchsorted(cumulative, (1.0 - self.max_clipped) * cumulative[-1])) + 1
+            kept_bins = max(kept_bins, floor_bins)
+        threshold = kept_bins * width
+        return TensorRange(max(hist.min, -threshold), min(hist.max, threshold))
+
+
+@dataclass
+class MSECollector(HistogramCollector):
+    """The clipping range whose uint8 quantization has the least expected squared error on the histogram."""
+
+    dtype: str = "uint8"
+    symmetric: bool = False
+    steps: int = 100
+
+    def range_of(self, hist: StreamingHistogram) -> TensorRange:
+        edges = hist.edges()
+        centers = (edges[:-1] + edges[1:]) / 2
+        counts = hist.counts.astype(np.float64)
+        lo0, hi0 = min(hist.min, 0.0), max(hist.max, 0.0)
+        best, best_range = math.inf, TensorRange(lo0, hi0)
+        for alpha in np.linspace(1.0 / self.steps, 1.0, self.steps):
+            lo, hi = lo0 * alpha, hi0 * alpha
+            scale, zero = qmath.qparams(lo, hi, self.dtype, self.symmetric)
+            error = centers - qmath.dequantize(qmath.quantize(centers, scale, zero, self.dtype), scale, zero)
+            mse = float(np.dot(counts, error.astype(np.float64) ** 2))
+            if mse < best:
+                best, best_range = mse, TensorRange(float(lo), float(hi))
+        return best_range
+
+
+def kl_threshold_bins(counts: np.ndarray, levels: int, candidates: int = 256) -> int:
+    """Number of |x| bins to keep (TensorRT's entropy calibration), searched over ~`candidates` cut points.
+
+    As in NVIDIA's pytorch-quantization, the zero bin is flattened to its neighbour first.
+    """
+    counts = counts.astype(np.float64)
+    if len(counts) > 1:
+        counts[0] = counts[1]  # the zero spike of ReLU outputs would otherwise pull the threshold down
+    nbins = len(counts)
+    if nbins <= levels or counts.sum() == 0:
+        return nbins
+    step = max(1, (nbins - levels) // candidates)
+    best_kl, best_i = math.inf, nbins
+    for i in range(levels, nbins + 1, step):
+        reference = counts[:i].copy()
+        reference[i - 1] += counts[i:].sum()  # outliers clip into the last kept bin
+        groups = (np.arange(i) * levels) // i
+        used = counts[:i] > 0
+        group_sums = np.bincount(groups, weights=counts[:i], minlength=levels)
+        group_used = np.bincount(groups, weights=used, minlength=levels)
+        expanded = np.where(used, group_sums[groups] / np.maximum(group_used[groups], 1), 0.0)
+        p = reference / reference.sum()
+        q = expanded / max(expanded.sum(), 1e-300)
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+COLLECTORS: dict[str, type] = {
+    "minmax": MinMaxCollector,
+    "percentile": PercentileCollector,
+    "entropy": EntropyCollector,
+    "mse": MSECollector,
+}

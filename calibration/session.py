@@ -1,7 +1,9 @@
 """The instrumented session: onnxruntime computes the statistics on an augmented clone of the model.
 
-For every requested tensor the clone gets in-graph ReduceMin/ReduceMax outputs, so each run ships a
-few scalars back to Python instead of whole activations; works for any input shape per batch.
+For every requested tensor the clone gets in-graph ReduceMin/ReduceMax outputs and, for histogram
+methods, a strided subsample of at most `sample_per_tensor` elements (Reshape → Slice with a step
+computed from Size), so each run ships a few scalars and small vectors back to Python instead of whole
+activations; works for any input shape per batch.
 """
 
 from __future__ import annotations
@@ -12,28 +14,71 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnxq.calibration.collectors import COLLECTORS
-from onnxq.calibration.readers import Feeds, input_specs, rebatch
 
 from onnxq import ir as onnxq_ir
+from onnxq.calibration.collectors import COLLECTORS
+from onnxq.calibration.readers import Feeds, input_specs, rebatch
 from onnxq.errors import UsageError
 from onnxq.pass_base import TensorRange
 
 SUFFIX = "__onnxq_"
 
 
-def augmented_model(model: ir.Model, names: list[str], reductions: tuple[str, ...]) -> onnx.ModelProto:
-    """A protobuf clone of `model` with `<name>__onnxq_<reduction>` scalar outputs for each tensor."""
+def augmented_model(
+    model: ir.Model, names: list[str], reductions: tuple[str, ...], sample_per_tensor: int = 0
+) -> onnx.ModelProto:
+    """A protobuf clone of `model` with `<name>__onnxq_<reduction>` outputs for each tensor."""
     proto = onnxq_ir.to_proto(model)
     elem_types = _elem_types(proto)
     graph = proto.graph
+    if "sample" in reductions:
+        _add_sampling_constants(graph, sample_per_tensor)
     for name in names:
+        elem_type = elem_types.get(name, onnx.TensorProto.FLOAT)
         for reduction in reductions:
             out = f"{name}{SUFFIX}{reduction}"
+            if reduction == "sample":
+                graph.node.extend(_sample_nodes(name, out, sample_per_tensor))
+                graph.output.append(onnx.helper.make_tensor_value_info(out, elem_type, ["n"]))
+                continue
             op = {"min": "ReduceMin", "max": "ReduceMax"}[reduction]
             graph.node.append(onnx.helper.make_node(op, [name], [out], keepdims=0, name=out))
-            graph.output.append(onnx.helper.make_tensor_value_info(out, elem_types.get(name, 1), []))
+            graph.output.append(onnx.helper.make_tensor_value_info(out, elem_type, []))
     return proto
+
+
+_K = f"{SUFFIX}k_"
+
+
+def _add_sampling_constants(graph: onnx.GraphProto, budget: int) -> None:
+    int64 = onnx.TensorProto.INT64
+    for name, values, dims in [
+        ("flat", [-1], [1]),
+        ("one", [1], [1]),
+        ("zero", [0], [1]),
+        ("end", [2**62], [1]),
+        ("budget", [max(budget, 1)], []),
+        ("budget_minus_1", [max(budget, 1) - 1], []),
+    ]:
+        graph.initializer.append(onnx.helper.make_tensor(f"{_K}{name}", int64, dims, values))
+
+
+def _sample_nodes(name: str, out: str, budget: int) -> list[onnx.NodeProto]:
+    """x → flat → every step-th element, step = ceil(size / budget) (all elements when budget is 0)."""
+    make = onnx.helper.make_node
+    flat = f"{out}_flat"
+    nodes = [make("Reshape", [name, f"{_K}flat"], [flat if budget else out], name=f"{out}_reshape")]
+    if not budget:
+        return nodes
+    size, ceil_num, step, step_1d = (f"{out}_{part}" for part in ("size", "num", "step", "step1d"))
+    nodes += [
+        make("Size", [name], [size], name=f"{out}_size"),
+        make("Add", [size, f"{_K}budget_minus_1"], [ceil_num], name=f"{out}_add"),
+        make("Div", [ceil_num, f"{_K}budget"], [step], name=f"{out}_div"),
+        make("Reshape", [step, f"{_K}one"], [step_1d], name=f"{out}_step"),
+        make("Slice", [flat, f"{_K}zero", f"{_K}end", f"{_K}zero", step_1d], [out], name=f"{out}_slice"),
+    ]
+    return nodes
 
 
 def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
@@ -61,18 +106,24 @@ def collect_ranges(
     method: str = "minmax",
     batch_size: int = 1,
     num_samples: int | None = None,
+    sample_per_tensor: int = 16384,
+    exact: frozenset[str] = frozenset(),
     show_progress: bool = False,
-    **_: object,
+    **collector_settings: object,
 ) -> tuple[dict[str, TensorRange], str]:
-    """Ranges of `names` over the data, and a fingerprint of (tensors, method, data) for caches."""
-    collector = COLLECTORS[method]()
+    """Ranges of `names` over the data, and a fingerprint of (tensors, method, data) for caches.
+
+    `collector_settings` go to the collector (percentile, bins, …); unknown ones are ignored so one
+    recipe section can serve every method. Tensors in `exact` keep their min-max range whatever the method.
+    """
+    collector = make_collector(method, collector_settings)
     specs = input_specs(model)
-    session = make_session(augmented_model(model, names, collector.reductions))
+    session = make_session(augmented_model(model, names, collector.reductions, sample_per_tensor))
     wanted = [f"{n}{SUFFIX}{r}" for n in names for r in collector.reductions]
     feed_names = {s.name for s in specs}
     digest = hashlib.sha256(f"{method}|{sorted(names)}".encode())
     samples = 0
-    with _progress(show_progress, "calibrating", num_samples) as advance:
+    with _progress(show_progress, f"calibrating ({method})", num_samples) as advance:
         for batch in rebatch(data(), specs, batch_size):
             feeds = {k: v for k, v in batch.items() if k in feed_names}
             try:
@@ -94,7 +145,16 @@ def collect_ranges(
     if samples == 0:
         raise UsageError("the calibration data produced no batch", "check the data and the model's batch size")
     digest.update(str(samples).encode())
-    return collector.result(), digest.hexdigest()[:16]
+    return collector.result(frozenset(exact)), digest.hexdigest()[:16]
+
+
+def make_collector(method: str, settings: dict[str, object]):  # type: ignore[no-untyped-def]
+    """A collector for `method`, given the settings it declares (others are ignored)."""
+    import dataclasses
+
+    cls = COLLECTORS[method]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in settings.items() if k in fields and v is not None})
 
 
 class _progress:

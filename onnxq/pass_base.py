@@ -56,8 +56,11 @@ class PassContext:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def activation_ranges(self, model: ir.Model, names: Iterable[str]) -> dict[str, TensorRange]:
-        """Ranges for `names`, collecting those not yet known with one onnxruntime pass over the data."""
+    def activation_ranges(
+        self, model: ir.Model, names: Iterable[str], exact: Iterable[str] = ()
+    ) -> dict[str, TensorRange]:
+        """Ranges for `names`, collecting those not yet known with one onnxruntime pass over the data.
+        Names in `exact` get their true min-max whatever the method (clipping them would change results)."""
         wanted = list(dict.fromkeys(names))
         missing = [n for n in wanted if n not in self.ranges]
         if missing:
@@ -74,6 +77,7 @@ class PassContext:
                 model,
                 missing,
                 self.calibration_data,
+                exact=frozenset(exact),
                 show_progress=self.show_progress,
                 **self.calibration_settings,
             )

@@ -26,7 +26,16 @@ class _Strict(BaseModel):
 
 class CalibrationConfig(_Strict):
     data: str | None = Field(None, description="calibration data: .npz file or folder, or 'synthetic'")
-    method: Literal["minmax"] = Field("minmax", description="how activation ranges are computed")
+    method: Literal["minmax", "percentile", "entropy", "mse"] = Field(
+        "minmax",
+        description="how activation ranges are computed: minmax (exact extremes), percentile (clip rare "
+        "outliers), entropy (TensorRT KL threshold), mse (least expected quantization error)",
+    )
+    percentile: float = Field(99.99, gt=50, le=100, description="percentile method: the kept share, in %")
+    bins: int = Field(2048, ge=128, le=65536, description="histogram bins of the histogram methods")
+    sample_per_tensor: int = Field(
+        16384, ge=0, description="histogram methods: elements sampled per tensor per batch, in-graph; 0 = all"
+    )
     num_samples: int = Field(128, ge=1, description="samples to read at most")
     batch_size: int = Field(
         1,

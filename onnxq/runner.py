@@ -91,7 +91,11 @@ def make_context(model: ir.Model, recipe: Recipe, calib: str | None, show_progre
     return PassContext(
         defaults=NodeQuant(activations=recipe.defaults.activations, weights=recipe.defaults.weights),
         calibration_data=data,
-        calibration_settings={"method": cal.method, "batch_size": cal.batch_size, "num_samples": cal.num_samples},
+        calibration_settings={
+            **cal.model_dump(exclude={"data", "seed"}),
+            "dtype": recipe.defaults.activations.dtype,
+            "symmetric": recipe.defaults.activations.symmetric,
+        },
         show_progress=show_progress,
     )
 

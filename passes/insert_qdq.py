@@ -273,7 +273,8 @@ class InsertQDQ(Pass):
                 ranges[name] = TensorRange(float(array.min()), float(array.max()))
             else:
                 to_collect.append(name)
-        ranges.update(self.context.activation_ranges(model, to_collect))
+        exact = [n for n in to_collect if n in values and _clipping_changes_decisions(values[n])]
+        ranges.update(self.context.activation_ranges(model, to_collect, exact=exact))
         missing = [n for n in to_collect if n not in ranges]
         if missing:
             raise OnnxqError(
@@ -431,3 +432,12 @@ def _dequantized_constant(
     dq.meta["onnxq.scale"] = scale
     graph.append(dq)
     return dq
+
+
+# Ops whose result depends on which input is largest: clipping their input (percentile/entropy) makes ties.
+_DECIDING_OPS = frozenset({"Softmax", "LogSoftmax", "ArgMax", "ArgMin", "TopK"})
+
+
+def _clipping_changes_decisions(value: ir.Value) -> bool:
+    """Logits and model outputs keep their exact range whatever the calibration method."""
+    return value.is_graph_output() or any(use.node.op_type in _DECIDING_OPS for use in value.uses())

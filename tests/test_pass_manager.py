@@ -8,12 +8,12 @@ import onnx
 import onnx_ir as ir
 from builders import cnn_data, small_cnn
 from onnx_ir.passes.common import CheckerPass, TopologicalSortPass
-from onnxq.passes import AssignPrecision, Cleanup, FoldBatchNorm, InsertQDQ, Simplify
 from ort_util import run
 
 from onnxq import apply, qmath
 from onnxq import ir as onnxq_ir
 from onnxq.pass_base import PassContext
+from onnxq.passes import AssignPrecision, Cleanup, FoldBatchNorm, InsertQDQ, Simplify
 
 
 def test_users_pass_manager_runs_onnxq_passes() -> None:

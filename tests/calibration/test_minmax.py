@@ -8,12 +8,12 @@ from builders import cnn_data, small_cnn
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from onnxq.calibration.collectors import MinMaxCollector
-from onnxq.calibration.readers import input_specs, rebatch
-from onnxq.calibration.session import collect_ranges
 from ort_util import run
 
 from onnxq import ir as onnxq_ir
+from onnxq.calibration.collectors import MinMaxCollector
+from onnxq.calibration.readers import input_specs, rebatch
+from onnxq.calibration.session import collect_ranges
 
 NAMES = ["c1", "r1", "cat", "mp", "logits"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import small_cnn
-from onnxq.calibration.readers import NpzReader, input_specs, open_data
 
 from onnxq import ir as onnxq_ir
+from onnxq.calibration.readers import NpzReader, input_specs, open_data
 from onnxq.errors import UsageError
 
 SPECS = input_specs(onnxq_ir.from_proto(small_cnn()))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from builders import small_cnn
-from onnxq.passes import AssignPrecision
 
 from onnxq import ir as onnxq_ir
 from onnxq.pass_base import PassContext
+from onnxq.passes import AssignPrecision
 from onnxq.qspec import NodeQuant, QuantSpec, get_qspec
 
 

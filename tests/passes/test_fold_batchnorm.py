@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 from builders import cnn_data, small_cnn
-from onnxq.passes import FoldBatchNorm
 from ort_util import run
 
 from onnxq import ir as onnxq_ir
 from onnxq import qmath
+from onnxq.passes import FoldBatchNorm
 
 
 def test_folding_removes_every_batchnorm_and_keeps_outputs() -> None:

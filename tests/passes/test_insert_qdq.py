@@ -7,14 +7,14 @@ import collections
 import numpy as np
 import pytest
 from builders import cnn_data, small_cnn
-from onnxq.calibration.readers import open_data
-from onnxq.passes import AssignPrecision, FoldBatchNorm, InsertQDQ
 from ort_util import optimized_op_counts, run
 
 from onnxq import ir as onnxq_ir
 from onnxq import qmath
+from onnxq.calibration.readers import open_data
 from onnxq.errors import MissingPrerequisite, OnnxqError
 from onnxq.pass_base import PassContext
+from onnxq.passes import AssignPrecision, FoldBatchNorm, InsertQDQ
 
 
 def _quantize(proto, **config):

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 from builders import cnn_data, small_cnn
-from onnxq.passes import Simplify, UpgradeOpset
 from ort_util import run
 
 from onnxq import ir as onnxq_ir
 from onnxq import qmath
+from onnxq.passes import Simplify, UpgradeOpset
 
 
 def test_weights_in_constant_nodes_become_initializers() -> None:
