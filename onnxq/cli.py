@@ -73,6 +73,13 @@ def run(
         list[str] | None,
         typer.Option("--set", help="override a recipe key: calibration.num_samples=64, passes.upgrade_opset.target=17"),
     ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(
+            help="calibration statistics to reuse (a .calib.json from an earlier run) [default: "
+            "OUTPUT.calib.json, reused when model, settings and data match]"
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-node plan; write nothing")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="skip validation against the float model")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables")] = False,
@@ -93,6 +100,7 @@ def run(
             calib=calib,
             data=data,
             overrides=set_ or [],
+            stats=stats,
             dry_run=dry_run,
             validate=False if no_validate else None,
             show_progress=show,

@@ -42,7 +42,8 @@ class PassContext:
     """What passes may use besides the model. Build one per pipeline run.
 
     `calibration_data` is a callable returning a fresh iterator of feed batches (so a pass can re-read
-    the data); `collect_ranges` is how statistics get computed (the runner plugs in onnxruntime).
+    the data). With a `stats_store` (a calibration.store.StatsStore) ranges computed before for the same
+    model, settings and data (`data_fingerprint`) are reused instead of running onnxruntime again.
     """
 
     defaults: NodeQuant = field(
@@ -52,6 +53,8 @@ class PassContext:
     calibration_settings: dict[str, Any] = field(default_factory=dict)
     ranges: dict[str, TensorRange] = field(default_factory=dict)
     stats_fingerprint: str | None = None
+    stats_store: Any | None = None
+    data_fingerprint: str | None = None
     show_progress: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -64,27 +67,48 @@ class PassContext:
         wanted = list(dict.fromkeys(names))
         missing = [n for n in wanted if n not in self.ranges]
         if missing:
-            if self.calibration_data is None:
-                raise UsageError(
-                    f"{len(missing)} activation tensors need calibration statistics and no data was given",
-                    "pass --calib DATA.npz (arrays keyed by input name), or set calibration.data: synthetic "
-                    "for a smoke run",
-                )
-            from onnxq.calibration.session import collect_ranges
-
-            started = time.perf_counter()
-            found, fingerprint = collect_ranges(
-                model,
-                missing,
-                self.calibration_data,
-                exact=frozenset(exact),
-                show_progress=self.show_progress,
-                **self.calibration_settings,
-            )
-            self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - started
-            self.ranges.update(found)
-            self.stats_fingerprint = fingerprint
+            self.ranges.update(self._collect(model, missing, [n for n in exact if n in set(missing)]))
         return {n: self.ranges[n] for n in wanted if n in self.ranges}
+
+    def _collect(self, model: ir.Model, names: list[str], exact: list[str]) -> dict[str, TensorRange]:
+        key = None
+        if self.stats_store is not None:
+            from onnxq.calibration.store import stats_key
+            from onnxq.ir import model_fingerprint
+
+            settings = {k: v for k, v in self.calibration_settings.items() if k not in ("batch_size",)}
+            key = stats_key(model_fingerprint(model), settings, self.data_fingerprint or "none", exact)
+            found = self.stats_store.lookup(key, names, settings.get("method", "minmax"))
+            if found is not None:
+                ranges, same = found
+                self.notes.append(
+                    f"calibration: reused {len(ranges)} ranges from {self.stats_store.path}"
+                    + ("" if same else " (computed for another model or data version: explicit --stats)")
+                )
+                self.stats_fingerprint = key
+                return ranges
+        if self.calibration_data is None:
+            raise UsageError(
+                f"{len(names)} activation tensors need calibration statistics and no data was given",
+                "pass --calib DATA.npz (arrays keyed by input name), or set calibration.data: synthetic "
+                "for a smoke run",
+            )
+        from onnxq.calibration.session import collect_ranges
+
+        started = time.perf_counter()
+        found_ranges, fingerprint = collect_ranges(
+            model,
+            names,
+            self.calibration_data,
+            exact=frozenset(exact),
+            show_progress=self.show_progress,
+            **self.calibration_settings,
+        )
+        self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - started
+        self.stats_fingerprint = key or fingerprint
+        if self.stats_store is not None and key is not None:
+            self.stats_store.save(key, self.calibration_settings.get("method", "minmax"), found_ranges)
+        return found_ranges
 
     def invalidate(self, what: Iterable[str]) -> None:
         if ACTIVATION_STATS in set(what):

@@ -82,12 +82,23 @@ def build_passes(recipe: Recipe, context: PassContext) -> list[Pass]:
     return passes
 
 
-def make_context(model: ir.Model, recipe: Recipe, calib: str | None, show_progress: bool) -> PassContext:
+def make_context(
+    model: ir.Model,
+    recipe: Recipe,
+    calib: str | None,
+    show_progress: bool,
+    stats_path: Path | None = None,
+    explicit_stats: bool = False,
+) -> PassContext:
+    from onnxq.calibration.store import StatsStore, data_fingerprint
+
     cal = recipe.calibration
     source = calib or cal.data
     data = None
+    fingerprint = None
     if source is not None:
         data = open_data(source, input_specs(model), cal.num_samples, cal.seed)
+        fingerprint = data_fingerprint(source, cal.num_samples, cal.seed)
     return PassContext(
         defaults=NodeQuant(activations=recipe.defaults.activations, weights=recipe.defaults.weights),
         calibration_data=data,
@@ -96,6 +107,8 @@ def make_context(model: ir.Model, recipe: Recipe, calib: str | None, show_progre
             "dtype": recipe.defaults.activations.dtype,
             "symmetric": recipe.defaults.activations.symmetric,
         },
+        stats_store=StatsStore(stats_path, explicit=explicit_stats) if stats_path else None,
+        data_fingerprint=fingerprint,
         show_progress=show_progress,
     )
 
@@ -110,10 +123,13 @@ def run(
     overrides: list[str] | None = None,
     dry_run: bool = False,
     validate: bool | None = None,
+    stats: str | Path | None = None,
     show_progress: bool = False,
 ) -> Result:
     """Quantize `model` with `recipe`. A path input is never written; the output defaults to
-    `<input>.q.onnx` beside it. Raises GateFailure (after writing) when validation gates fail."""
+    `<input>.q.onnx` beside it, with its calibration statistics in `<output>.calib.json` (reused by the
+    next run on the same model, settings and data); `stats` names that file explicitly. Raises GateFailure
+    (after writing) when validation gates fail."""
     resolved = load_recipe(recipe, overrides)
     source_path = None if isinstance(model, ir.Model) else Path(model)
     working = model if isinstance(model, ir.Model) else onnxq_ir.load(model)
@@ -121,7 +137,8 @@ def run(
     out_path = _output_path(source_path, output or resolved.output.path, dry_run)
     if out_path is not None and source_path is not None and out_path.resolve() == source_path.resolve():
         onnxq_ir.save(working, out_path, source=source_path)  # raises the clear error
-    context = make_context(working, resolved, calib, show_progress)
+    stats_path = Path(stats) if stats else (out_path.with_name(out_path.name + ".calib.json") if out_path else None)
+    context = make_context(working, resolved, calib, show_progress, stats_path, explicit_stats=stats is not None)
     result = Result(working, None, resolved, notes=context.notes)
     for pass_ in build_passes(resolved, context):
         if dry_run and (pass_.lowers or pass_.needs):

@@ -43,6 +43,7 @@ def test_run_writes_a_valid_model_and_leaves_no_stray_files(cnn_path: Path, cnn_
         "calib.npz",
         "cnn.onnx",
         "cnn.q.onnx",
+        "cnn.q.onnx.calib.json",
         "cnn.q.onnx.report.json",
     ]
     assert list(workdir.iterdir()) == []
