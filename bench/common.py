@@ -15,7 +15,11 @@ from typing import Any
 import numpy as np
 
 
-def _child(fn: Callable[..., Any], args: tuple, queue: mp.Queue) -> None:
+def _child(fn: Callable[..., Any], args: tuple, queue: mp.Queue, memory_cap_gb: float | None = None) -> None:
+    if memory_cap_gb:
+        # A peer that keeps every activation must fail alone, not take the machine down with it.
+        cap = int(memory_cap_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     try:
         cwd = tempfile.mkdtemp(prefix="onnxq-bench-")  # quantizers that litter write here, not in the repo
         os.chdir(cwd)
@@ -28,17 +32,21 @@ def _child(fn: Callable[..., Any], args: tuple, queue: mp.Queue) -> None:
         queue.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", 0.0, 0.0))
 
 
-def isolated(fn: Callable[..., Any], *args: Any, timeout: float = 1800) -> dict[str, Any]:
-    """Run fn(*args) in a fresh spawned process; returns value, wall seconds and peak RSS (MB) of that process."""
+def isolated(
+    fn: Callable[..., Any], *args: Any, timeout: float = 1800, memory_cap_gb: float | None = None
+) -> dict[str, Any]:
+    """Run fn(*args) in a fresh spawned process; returns value, wall seconds and peak RSS (MB) of that process.
+    `memory_cap_gb` limits its address space (MemoryError instead of swapping the machine to death)."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc = ctx.Process(target=_child, args=(fn, args, queue, memory_cap_gb))
     proc.start()
     try:
         status, value, seconds, peak = queue.get(timeout=timeout)
     except Exception:
         proc.kill()
-        return {"error": f"no result (exit code {proc.exitcode}; killed for memory or timeout?)"}
+        proc.join()
+        return {"error": f"no result within {timeout:.0f} s (exit code {proc.exitcode})"}
     proc.join()
     if status != "ok":
         return {"error": value}

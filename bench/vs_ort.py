@@ -34,7 +34,7 @@ def quantize_onnxq(model: str, calib: str, out: str) -> str:
     return out
 
 
-def quantize_ort(model: str, calib: str, out: str) -> str:
+def quantize_ort(model: str, calib: str, out: str, method: str = "MinMax") -> str:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -67,7 +67,7 @@ def quantize_ort(model: str, calib: str, out: str) -> str:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=getattr(CalibrationMethod, method),
     )
     return out
 

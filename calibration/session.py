@@ -106,7 +106,7 @@ def collect_ranges(
     method: str = "minmax",
     batch_size: int = 1,
     num_samples: int | None = None,
-    sample_per_tensor: int = 16384,
+    sample_per_tensor: int = 4096,
     exact: frozenset[str] = frozenset(),
     show_progress: bool = False,
     **collector_settings: object,

@@ -34,7 +34,7 @@ class CalibrationConfig(_Strict):
     percentile: float = Field(99.99, gt=50, le=100, description="percentile method: the kept share, in %")
     bins: int = Field(2048, ge=128, le=65536, description="histogram bins of the histogram methods")
     sample_per_tensor: int = Field(
-        16384, ge=0, description="histogram methods: elements sampled per tensor per batch, in-graph; 0 = all"
+        4096, ge=0, description="histogram methods: elements sampled per tensor per batch, in-graph; 0 = all"
     )
     num_samples: int = Field(128, ge=1, description="samples to read at most")
     batch_size: int = Field(
