@@ -68,7 +68,8 @@ class NpzReader:
             files = sorted(self.source.glob("*.npz"))
             if not files:
                 raise UsageError(
-                    f"folder '{self.source}' holds no .npz files", "save arrays keyed by input name with numpy.savez"
+                    f"folder '{self.source}' holds no .npz files",
+                    "save arrays keyed by input name with numpy.savez, or for images set calibration.preprocess",
                 )
             return files
         if self.source.suffix != ".npz":
@@ -112,7 +113,7 @@ class NpzReader:
                         f"{hint + ' ' if hint and hint.startswith('did') else ''}key each array by "
                         "the model's input name",
                     )
-                feeds[spec.name] = _conform(archive[spec.name], spec, path)
+                feeds[spec.name] = conform(archive[spec.name], spec, path)
             for extra in self.extras:
                 if extra in archive.files:
                     feeds[extra] = archive[extra]
@@ -125,7 +126,7 @@ class NpzReader:
         return feeds
 
 
-def _conform(array: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
+def conform(array: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
     """Check rank, dtype and finiteness; add the batch axis to a single unbatched sample."""
     if spec.shape and array.ndim == len(spec.shape) - 1:
         array = array[None]
@@ -196,12 +197,26 @@ def open_data(
     num_samples: int | None = None,
     seed: int = 0,
     extras: tuple[str, ...] = (),
+    preprocess: object | None = None,
 ) -> Callable[[], Iterator[Feeds]]:
-    """A re-iterable data source for `source` (a path or 'synthetic'); validates the path now."""
+    """A re-iterable data source: .npz file or folder, image folder (with `preprocess`), 'synthetic', or
+    `module:function`. The source is validated now; the data is read lazily on each iteration."""
     if source is None:
         raise UsageError("no data given", "pass --calib DATA.npz, or set calibration.data: synthetic")
-    if str(source) == SYNTHETIC:
+    text = str(source)
+    if text == SYNTHETIC:
         return lambda: iter(SyntheticReader(specs, num_samples or 16, seed))
+    path = Path(text)
+    if ":" in text and not path.exists():
+        from onnxq.calibration.sources import CallableReader
+
+        callable_reader = CallableReader(text, specs, num_samples)
+        return lambda: iter(callable_reader)
+    if path.is_dir() and preprocess is not None:
+        from onnxq.calibration.sources import ImageFolderReader
+
+        image_reader = ImageFolderReader(path, specs, preprocess, num_samples)  # type: ignore[arg-type]
+        return lambda: iter(image_reader)
     reader = NpzReader(source, specs, num_samples, extras)
     return lambda: iter(reader)
 

@@ -31,7 +31,9 @@ def data_fingerprint(source: str | os.PathLike, num_samples: int | None, seed: i
     if str(source) == "synthetic":
         return f"synthetic:{seed}:{num_samples}"
     path = Path(source)
-    files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not path.exists():  # module:function: its output cannot be fingerprinted without running it
+        return f"callable:{source}:{num_samples}:{os.urandom(8).hex()}"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256(f"{num_samples}".encode())
     for file in files:
         digest.update(file.name.encode())

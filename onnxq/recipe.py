@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onnxq import registry
+from onnxq.calibration.sources import Preprocess
 from onnxq.errors import RecipeError, UsageError, did_you_mean
 from onnxq.qspec import DEFAULT_ACTIVATIONS, DEFAULT_WEIGHTS, QuantSpec
 
@@ -25,7 +26,11 @@ class _Strict(BaseModel):
 
 
 class CalibrationConfig(_Strict):
-    data: str | None = Field(None, description="calibration data: .npz file or folder, or 'synthetic'")
+    data: str | None = Field(
+        None,
+        description="calibration data: .npz file or folder of them, a folder of images (with preprocess), "
+        "module:function yielding feed dicts, or 'synthetic'",
+    )
     method: Literal["minmax", "percentile", "entropy", "mse"] = Field(
         "minmax",
         description="how activation ranges are computed: minmax (exact extremes), percentile (clip rare "
@@ -44,6 +49,7 @@ class CalibrationConfig(_Strict):
         "on CPU (PP-OCR det, 32 samples: 3.0 s / 512 MB at 1, 9.4 s / 2 GB at 8)",
     )
     seed: int = Field(0, description="seed of the synthetic reader")
+    preprocess: Preprocess | None = Field(None, description="image folders: how files become the model input")
 
 
 class Defaults(_Strict):

@@ -97,7 +97,7 @@ def make_context(
     data = None
     fingerprint = None
     if source is not None:
-        data = open_data(source, input_specs(model), cal.num_samples, cal.seed)
+        data = open_data(source, input_specs(model), cal.num_samples, cal.seed, preprocess=cal.preprocess)
         fingerprint = data_fingerprint(source, cal.num_samples, cal.seed)
     return PassContext(
         defaults=NodeQuant(activations=recipe.defaults.activations, weights=recipe.defaults.weights),

@@ -1,0 +1,134 @@
+"""More data sources: image folders with a declared preprocessing, and Python callables.
+
+`open_data` in readers.py dispatches here: a folder of images (with `calibration.preprocess` set), or
+`module:function` / `path/to/file.py:function` naming a function that yields feed dicts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from onnxq.calibration.readers import Feeds, InputSpec, conform
+from onnxq.errors import UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class Preprocess(BaseModel):
+    """How image files become one model input (applied in this order)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: tuple[int, int] = Field(..., description="resize to (height, width)")
+    channels: Literal["RGB", "BGR", "L"] = "RGB"
+    scale: float = Field(1 / 255, description="multiply pixel values by this first")
+    mean: list[float] = Field(default_factory=lambda: [0.0], description="per channel, subtracted after scaling")
+    std: list[float] = Field(default_factory=lambda: [1.0], description="per channel, divided after the mean")
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    input: str | None = Field(None, description="model input to feed; default: the only input")
+
+
+class ImageFolderReader:
+    """Images under a folder (sorted, recursive), preprocessed one by one: memory is one image."""
+
+    def __init__(self, folder: Path, specs: list[InputSpec], preprocess: Preprocess, num_samples: int | None) -> None:
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise UsageError(
+                f"folder '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)})",
+                "point calibration.data at a folder of images, or use .npz files",
+            )
+        if num_samples:
+            self.files = self.files[:num_samples]
+        names = [s.name for s in specs]
+        target = preprocess.input or (names[0] if len(names) == 1 else None)
+        if target not in names:
+            raise UsageError(
+                f"calibration.preprocess.input must name one of the model inputs {names}",
+                "set calibration.preprocess.input",
+            )
+        self.spec = next(s for s in specs if s.name == target)
+        self.preprocess = preprocess
+
+    def __iter__(self) -> Iterator[Feeds]:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise UsageError("reading image folders needs Pillow", "pip install 'onnxq[images]'") from None
+        p = self.preprocess
+        for path in self.files:
+            try:
+                with Image.open(path) as image:
+                    pixels = image.convert("L" if p.channels == "L" else "RGB").resize(p.size[::-1], Image.BILINEAR)
+            except OSError as exc:
+                raise UsageError(f"cannot read image '{path}' ({exc})", "remove it or convert it") from None
+            array = np.asarray(pixels, dtype=np.float32)
+            array = array[..., None] if array.ndim == 2 else array
+            if p.channels == "BGR":
+                array = array[..., ::-1]
+            array = (array * p.scale - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
+            if p.layout == "NCHW":
+                array = array.transpose(2, 0, 1)
+            yield {self.spec.name: conform(np.ascontiguousarray(array[None]), self.spec, path)}
+
+
+def load_callable(reference: str) -> Callable[..., Iterable[Feeds]]:
+    """`package.module:function` or `path/to/file.py:function`."""
+    target, _, attribute = reference.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            if spec is None or spec.loader is None or not Path(target).is_file():
+                raise ImportError(f"no file {target}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as exc:
+        raise UsageError(
+            f"cannot import '{target}' for calibration data ({exc})",
+            "check the module path, or give a file: path/to/data.py:function",
+        ) from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise UsageError(f"'{target}' has no function '{attribute}'", "name a function that yields feed dicts")
+    return function
+
+
+class CallableReader:
+    """Feeds yielded by a user function; it may take the model's input specs as its one argument."""
+
+    def __init__(self, reference: str, specs: list[InputSpec], num_samples: int | None) -> None:
+        self.function = load_callable(reference)
+        self.reference, self.specs, self.num_samples = reference, specs, num_samples
+
+    def __iter__(self) -> Iterator[Feeds]:
+        takes_specs = len(inspect.signature(self.function).parameters) >= 1
+        produced = 0
+        for feeds in self.function(self.specs) if takes_specs else self.function():
+            if self.num_samples is not None and produced >= self.num_samples:
+                break
+            if not isinstance(feeds, dict):
+                raise UsageError(
+                    f"{self.reference} yielded a {type(feeds).__name__}", "yield dicts {input_name: array}"
+                )
+            missing = [s.name for s in self.specs if s.name not in feeds]
+            if missing:
+                raise UsageError(
+                    f"{self.reference} yielded no array for model input '{missing[0]}'",
+                    "key each array by the model's input name",
+                )
+            where = Path(self.reference)
+            batch = {s.name: conform(np.asarray(feeds[s.name]), s, where) for s in self.specs}
+            produced += next(iter(batch.values())).shape[0]
+            yield batch
+        if produced == 0:
+            raise UsageError(f"{self.reference} yielded no samples", "yield at least one feed dict")
