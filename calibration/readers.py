@@ -6,7 +6,7 @@ instead of as an onnxruntime error from deep inside a session.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +191,40 @@ class SyntheticReader:
             yield feeds
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """A re-iterable, picklable data source: what a worker process needs to re-open the same data.
+
+    Calling it returns a fresh iterator of feed batches; `source` is a .npz file or folder, an image
+    folder (with `preprocess`), 'synthetic', or `module:function`.
+    """
+
+    source: str
+    specs: tuple[InputSpec, ...]
+    num_samples: int | None = None
+    seed: int = 0
+    extras: tuple[str, ...] = ()
+    preprocess: object | None = None
+
+    def reader(self) -> Iterable[Feeds]:
+        specs = list(self.specs)
+        if self.source == SYNTHETIC:
+            return SyntheticReader(specs, self.num_samples or 16, self.seed)
+        path = Path(self.source)
+        if ":" in self.source and not path.exists():
+            from onnxq.calibration.sources import CallableReader
+
+            return CallableReader(self.source, specs, self.num_samples)
+        if path.is_dir() and self.preprocess is not None:
+            from onnxq.calibration.sources import ImageFolderReader
+
+            return ImageFolderReader(path, specs, self.preprocess, self.num_samples)  # type: ignore[arg-type]
+        return NpzReader(path, specs, self.num_samples, self.extras)
+
+    def __call__(self) -> Iterator[Feeds]:
+        return iter(self.reader())
+
+
 def open_data(
     source: str | Path | None,
     specs: list[InputSpec],
@@ -198,27 +232,13 @@ def open_data(
     seed: int = 0,
     extras: tuple[str, ...] = (),
     preprocess: object | None = None,
-) -> Callable[[], Iterator[Feeds]]:
-    """A re-iterable data source: .npz file or folder, image folder (with `preprocess`), 'synthetic', or
-    `module:function`. The source is validated now; the data is read lazily on each iteration."""
+) -> DataSource:
+    """The data source for `source`, validated now (path, files, callable); data is read lazily."""
     if source is None:
         raise UsageError("no data given", "pass --calib DATA.npz, or set calibration.data: synthetic")
-    text = str(source)
-    if text == SYNTHETIC:
-        return lambda: iter(SyntheticReader(specs, num_samples or 16, seed))
-    path = Path(text)
-    if ":" in text and not path.exists():
-        from onnxq.calibration.sources import CallableReader
-
-        callable_reader = CallableReader(text, specs, num_samples)
-        return lambda: iter(callable_reader)
-    if path.is_dir() and preprocess is not None:
-        from onnxq.calibration.sources import ImageFolderReader
-
-        image_reader = ImageFolderReader(path, specs, preprocess, num_samples)  # type: ignore[arg-type]
-        return lambda: iter(image_reader)
-    reader = NpzReader(source, specs, num_samples, extras)
-    return lambda: iter(reader)
+    data = DataSource(str(source), tuple(specs), num_samples, seed, extras, preprocess)
+    data.reader()  # raises the one-line error for a bad path, an empty folder or a missing callable
+    return data
 
 
 def rebatch(feeds: Iterator[Feeds], specs: list[InputSpec], batch_size: int) -> Iterator[Feeds]:

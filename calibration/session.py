@@ -9,7 +9,11 @@ activations; works for any input shape per batch.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -17,7 +21,7 @@ import onnx_ir as ir
 
 from onnxq import ir as onnxq_ir
 from onnxq.calibration.collectors import COLLECTORS
-from onnxq.calibration.readers import Feeds, input_specs, rebatch
+from onnxq.calibration.readers import Feeds, InputSpec, input_specs, rebatch
 from onnxq.errors import UsageError
 from onnxq.pass_base import TensorRange
 
@@ -108,6 +112,8 @@ def collect_ranges(
     num_samples: int | None = None,
     sample_per_tensor: int = 4096,
     exact: frozenset[str] = frozenset(),
+    workers: int = 1,
+    executor: Executor | None = None,
     show_progress: bool = False,
     **collector_settings: object,
 ) -> tuple[dict[str, TensorRange], str]:
@@ -115,17 +121,68 @@ def collect_ranges(
 
     `collector_settings` go to the collector (percentile, bins, …); unknown ones are ignored so one
     recipe section can serve every method. Tensors in `exact` keep their min-max range whatever the method.
+    With `workers > 1` (or an `executor`: any concurrent.futures.Executor, e.g. one backed by a cluster),
+    batches are dealt round-robin to shards whose collector states are merged: the result is the same.
     """
     collector = make_collector(method, collector_settings)
-    specs = input_specs(model)
-    session = make_session(augmented_model(model, names, collector.reductions, sample_per_tensor))
-    wanted = [f"{n}{SUFFIX}{r}" for n in names for r in collector.reductions]
-    feed_names = {s.name for s in specs}
-    digest = hashlib.sha256(f"{method}|{sorted(names)}".encode())
-    samples = 0
-    with _progress(show_progress, f"calibrating ({method})", num_samples) as advance:
-        for batch in rebatch(data(), specs, batch_size):
-            feeds = {k: v for k, v in batch.items() if k in feed_names}
+    augmented = augmented_model(model, names, collector.reductions, sample_per_tensor)
+    job = _ShardJob(
+        augmented.SerializeToString(),
+        tuple(input_specs(model)),
+        tuple(names),
+        method,
+        dict(collector_settings),
+        batch_size,
+    )
+    if workers > 1 or executor is not None:
+        shards = max(workers, 1)
+        own = executor is None
+        pool = executor or ProcessPoolExecutor(shards, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            parts = list(pool.map(_run_shard, [job] * shards, [data] * shards, range(shards), [shards] * shards))
+        finally:
+            if own:
+                pool.shutdown()
+        for part, _, _ in parts:
+            collector = collector.merge(part)
+        samples = sum(count for _, count, _ in parts)
+        digest_text = "".join(text for _, _, text in sorted(parts, key=lambda p: p[2]))
+    else:
+        with _progress(show_progress, f"calibrating ({method})", num_samples) as advance:
+            collector, samples, digest_text = job.run(data, 0, 1, collector, advance)
+    if samples == 0:
+        raise UsageError("the calibration data produced no batch", "check the data and the model's batch size")
+    digest = hashlib.sha256(f"{method}|{sorted(names)}|{samples}|{digest_text}".encode())
+    return collector.result(frozenset(exact)), digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """What one shard needs (picklable): the augmented model's bytes and the collector settings."""
+
+    model: bytes
+    specs: tuple[InputSpec, ...]
+    names: tuple[str, ...]
+    method: str
+    settings: dict[str, object]
+    batch_size: int
+
+    def run(self, data, shard: int, shards: int, collector=None, advance=lambda _n: None):  # type: ignore[no-untyped-def]
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if shards > 1:
+            options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // shards)
+        session = ort.InferenceSession(self.model, options, providers=["CPUExecutionProvider"])
+        collector = collector or make_collector(self.method, self.settings)
+        inputs = {spec.name for spec in self.specs}
+        wanted = [f"{n}{SUFFIX}{r}" for n in self.names for r in collector.reductions]
+        samples, digest = 0, hashlib.sha256()
+        for index, batch in enumerate(rebatch(data(), list(self.specs), self.batch_size)):
+            if index % shards != shard:
+                continue
+            feeds = {k: v for k, v in batch.items() if k in inputs}
             try:
                 outputs = session.run(wanted, feeds)
             except Exception as exc:
@@ -134,18 +191,19 @@ def collect_ranges(
                     "check that the data matches the model's inputs (shapes, layout, dtype)",
                 ) from None
             it = iter(outputs)
-            for name in names:
+            for name in self.names:
                 collector.update(name, {r: next(it) for r in collector.reductions})
             count = next(iter(feeds.values())).shape[0] if feeds else 1
-            samples += count
-            if samples <= 4 * batch_size:
+            if samples < 4:
                 for value in feeds.values():
                     digest.update(np.ascontiguousarray(value).tobytes()[:4096])
+            samples += count
             advance(count)
-    if samples == 0:
-        raise UsageError("the calibration data produced no batch", "check the data and the model's batch size")
-    digest.update(str(samples).encode())
-    return collector.result(frozenset(exact)), digest.hexdigest()[:16]
+        return collector, samples, f"{shard}:{digest.hexdigest()}"
+
+
+def _run_shard(job: _ShardJob, data, shard: int, shards: int):  # type: ignore[no-untyped-def]
+    return job.run(data, shard, shards)
 
 
 def make_collector(method: str, settings: dict[str, object]):  # type: ignore[no-untyped-def]

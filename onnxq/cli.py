@@ -80,6 +80,9 @@ def run(
             "OUTPUT.calib.json, reused when model, settings and data match]"
         ),
     ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="calibrate in N processes (same result, merged exactly)", min=1)
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-node plan; write nothing")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="skip validation against the float model")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables")] = False,
@@ -99,7 +102,7 @@ def run(
             output=output,
             calib=calib,
             data=data,
-            overrides=set_ or [],
+            overrides=[*(set_ or []), *([f"calibration.workers={workers}"] if workers else [])],
             stats=stats,
             dry_run=dry_run,
             validate=False if no_validate else None,

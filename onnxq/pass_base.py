@@ -76,7 +76,8 @@ class PassContext:
             from onnxq.calibration.store import stats_key
             from onnxq.ir import model_fingerprint
 
-            settings = {k: v for k, v in self.calibration_settings.items() if k not in ("batch_size",)}
+            # how the work is split does not change the result, so it is not part of the key
+            settings = {k: v for k, v in self.calibration_settings.items() if k not in ("batch_size", "workers")}
             key = stats_key(model_fingerprint(model), settings, self.data_fingerprint or "none", exact)
             found = self.stats_store.lookup(key, names, settings.get("method", "minmax"))
             if found is not None:

@@ -49,6 +49,7 @@ class CalibrationConfig(_Strict):
         "on CPU (PP-OCR det, 32 samples: 3.0 s / 512 MB at 1, 9.4 s / 2 GB at 8)",
     )
     seed: int = Field(0, description="seed of the synthetic reader")
+    workers: int = Field(1, ge=1, le=256, description="processes sharing the calibration data (merged exactly)")
     preprocess: Preprocess | None = Field(None, description="image folders: how files become the model input")
 
 

@@ -103,7 +103,7 @@ def make_context(
         defaults=NodeQuant(activations=recipe.defaults.activations, weights=recipe.defaults.weights),
         calibration_data=data,
         calibration_settings={
-            **cal.model_dump(exclude={"data", "seed"}),
+            **cal.model_dump(exclude={"data", "seed", "preprocess"}),
             "dtype": recipe.defaults.activations.dtype,
             "symmetric": recipe.defaults.activations.symmetric,
         },

@@ -128,3 +128,21 @@ def test_validate_command(cnn_path: Path, cnn_calib: Path, workdir: Path) -> Non
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert "skipped: onnxruntime here has no CUDAExecutionProvider" in result.stdout
+
+
+def test_method_and_workers_from_the_command_line(cnn_path: Path, cnn_calib: Path, workdir: Path) -> None:
+    result = onnxq(
+        "run",
+        cnn_path,
+        "--calib",
+        cnn_calib,
+        "--set",
+        "calibration.method=percentile",
+        "--workers",
+        "2",
+        "--no-validate",
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    bad = onnxq("run", cnn_path, "--calib", cnn_calib, "--set", "calibration.method=kl", cwd=workdir)
+    assert bad.returncode == 2 and "calibration.method" in bad.stderr and "percentile" in bad.stderr

@@ -108,3 +108,19 @@ def test_sampling_caps_the_elements_shipped_per_tensor() -> None:
     (sample,) = session.run(["r1__onnxq_sample"], {"x": cnn_data(4)})
     total = 4 * 8 * 8 * 8
     assert 100 >= sample.size >= total // -(-total // 100)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_sharded_collection_equals_one_process(method: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnxq.calibration.readers import input_specs, open_data
+
+    model = onnxq_ir.from_proto(small_cnn())
+    names = ["r1", "cat", "logits"]
+    data = open_data("synthetic", input_specs(model), num_samples=12, seed=3)
+    single, _ = collect_ranges(model, names, data, method=method)
+    in_processes, _ = collect_ranges(model, names, data, method=method, workers=2)
+    with ThreadPoolExecutor(3) as pool:  # any concurrent.futures.Executor plugs in (a cluster's too)
+        pluggable, _ = collect_ranges(model, names, data, method=method, workers=3, executor=pool)
+    assert single == in_processes == pluggable
