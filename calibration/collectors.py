@@ -132,6 +132,27 @@ class MSECollector(HistogramCollector):
         return best_range
 
 
+@dataclass
+class ChannelAbsMaxCollector:
+    """max |x| per channel of the last axis (what SmoothQuant balances against the weights)."""
+
+    reductions: ClassVar[tuple[str, ...]] = ("channel_absmax",)
+    maxima: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def update(self, name: str, reduced: dict[str, np.ndarray]) -> None:
+        value = np.asarray(reduced["channel_absmax"], dtype=np.float64)
+        self.maxima[name] = np.maximum(self.maxima[name], value) if name in self.maxima else value
+
+    def merge(self, other: ChannelAbsMaxCollector) -> ChannelAbsMaxCollector:
+        merged = ChannelAbsMaxCollector(dict(self.maxima))
+        for name, value in other.maxima.items():
+            merged.update(name, {"channel_absmax": value})
+        return merged
+
+    def result(self, exact: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        return dict(self.maxima)
+
+
 def kl_threshold_bins(counts: np.ndarray, levels: int, candidates: int = 256) -> int:
     """Number of |x| bins to keep (TensorRT's entropy calibration), searched over ~`candidates` cut points.
 
@@ -167,4 +188,5 @@ COLLECTORS: dict[str, type] = {
     "percentile": PercentileCollector,
     "entropy": EntropyCollector,
     "mse": MSECollector,
+    "channel_absmax": ChannelAbsMaxCollector,
 }

@@ -35,7 +35,7 @@ def augmented_model(
     proto = onnxq_ir.to_proto(model)
     elem_types = _elem_types(proto)
     graph = proto.graph
-    if "sample" in reductions:
+    if "sample" in reductions or "channel_absmax" in reductions:
         _add_sampling_constants(graph, sample_per_tensor)
     for name in names:
         elem_type = elem_types.get(name, onnx.TensorProto.FLOAT)
@@ -44,6 +44,10 @@ def augmented_model(
             if reduction == "sample":
                 graph.node.extend(_sample_nodes(name, out, sample_per_tensor))
                 graph.output.append(onnx.helper.make_tensor_value_info(out, elem_type, ["n"]))
+                continue
+            if reduction == "channel_absmax":
+                graph.node.extend(_channel_absmax_nodes(name, out, _opset(proto)))
+                graph.output.append(onnx.helper.make_tensor_value_info(out, elem_type, ["c"]))
                 continue
             op = {"min": "ReduceMin", "max": "ReduceMax"}[reduction]
             graph.node.append(onnx.helper.make_node(op, [name], [out], keepdims=0, name=out))
@@ -65,6 +69,28 @@ def _add_sampling_constants(graph: onnx.GraphProto, budget: int) -> None:
         ("budget_minus_1", [max(budget, 1) - 1], []),
     ]:
         graph.initializer.append(onnx.helper.make_tensor(f"{_K}{name}", int64, dims, values))
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def _channel_absmax_nodes(name: str, out: str, opset: int) -> list[onnx.NodeProto]:
+    """max |x| per channel of the last axis, over every other axis: [..., C] → [C] (SmoothQuant's input)."""
+    make = onnx.helper.make_node
+    absolute, shape, last, new_shape, flat = (f"{out}_{p}" for p in ("abs", "shape", "last", "shape2d", "flat"))
+    nodes = [
+        make("Abs", [name], [absolute], name=f"{out}_abs"),
+        make("Shape", [name], [shape], name=f"{out}_shape"),
+        make("Slice", [shape, f"{_K}flat", f"{_K}end"], [last], name=f"{out}_last"),
+        make("Concat", [f"{_K}flat", last], [new_shape], axis=0, name=f"{out}_concat"),
+        make("Reshape", [absolute, new_shape], [flat], name=f"{out}_reshape"),
+    ]
+    if opset >= 18:
+        nodes.append(make("ReduceMax", [flat, f"{_K}zero"], [out], keepdims=0, name=out))
+    else:
+        nodes.append(make("ReduceMax", [flat], [out], axes=[0], keepdims=0, name=out))
+    return nodes
 
 
 def _sample_nodes(name: str, out: str, budget: int) -> list[onnx.NodeProto]:

@@ -111,6 +111,28 @@ class PassContext:
             self.stats_store.save(key, self.calibration_settings.get("method", "minmax"), found_ranges)
         return found_ranges
 
+    def channel_absmax(self, model: ir.Model, names: Iterable[str]) -> dict[str, Any]:
+        """Per-channel (last axis) max |x| of each tensor over the calibration data: one onnxruntime pass."""
+        if self.calibration_data is None:
+            raise UsageError(
+                "per-channel activation statistics need calibration data",
+                "pass --calib DATA.npz (arrays keyed by input name)",
+            )
+        from onnxq.calibration.session import collect_ranges
+
+        started = time.perf_counter()
+        settings = {k: v for k, v in self.calibration_settings.items() if k in ("batch_size", "workers")}
+        found, _ = collect_ranges(
+            model,
+            list(names),
+            self.calibration_data,
+            method="channel_absmax",
+            show_progress=self.show_progress,
+            **settings,
+        )
+        self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - started
+        return found  # type: ignore[return-value]
+
     def invalidate(self, what: Iterable[str]) -> None:
         if ACTIVATION_STATS in set(what):
             self.ranges.clear()

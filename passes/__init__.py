@@ -5,6 +5,7 @@ from .cleanup import Cleanup
 from .fold_batchnorm import FoldBatchNorm
 from .insert_qdq import InsertQDQ
 from .simplify import Simplify
+from .smooth_quant import SmoothQuant
 from .upgrade_opset import UpgradeOpset
 
-__all__ = ["AssignPrecision", "Cleanup", "FoldBatchNorm", "InsertQDQ", "Simplify", "UpgradeOpset"]
+__all__ = ["AssignPrecision", "Cleanup", "FoldBatchNorm", "InsertQDQ", "Simplify", "SmoothQuant", "UpgradeOpset"]

@@ -1,0 +1,128 @@
+"""smooth_quant: migrate activation outliers into the weights of MatMul/Gemm (SmoothQuant, Xiao et al. 2023).
+
+For an activation X [..., K] feeding weights W [K, N], with per-channel maxima a_j = max|X_j| (measured on
+the calibration data) and w_j = max_n |W_jn| (over every weight X feeds), s_j = a_j^α / w_j^(1-α) and
+X·W = (X / s)·(diag(s)·W). Activations get flatter (easier per-tensor int8), weights absorb the range
+(per-channel int8 handles it). 1/s is folded into a LayerNormalization that produces X when it can, else
+a Mul is inserted. Activation ranges measured before are void afterwards (`invalidates`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from onnxq.pass_base import ACTIVATION_STATS, Pass, PassConfig
+
+from ._graph import add_initializer, constant_array, forget_names, is_constant, unique_name
+
+
+class SmoothQuantConfig(PassConfig):
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: 0 none, 1 all onto the weights")
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], description="ops whose inputs smooth")
+    fold_into_layernorm: bool = Field(True, description="fold 1/s into a producing LayerNormalization")
+
+
+@dataclass
+class _Target:
+    """One activation and the (node, weight, layout) pairs that read it."""
+
+    value: ir.Value
+    uses: list[tuple[ir.Node, np.ndarray, bool]] = field(default_factory=list)  # bool: weight is [N, K]
+
+
+class SmoothQuant(Pass):
+    name = "smooth_quant"
+    Config = SmoothQuantConfig
+    needs = frozenset({ACTIVATION_STATS})
+    invalidates = frozenset({ACTIVATION_STATS})
+    after = ("simplify", "fold_batchnorm")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        targets = self._targets(model.graph)
+        if not targets:
+            return ir.passes.PassResult(model, modified=False)
+        maxima = self.context.channel_absmax(model, [t.value.name for t in targets])
+        smoothed = 0
+        for target in targets:
+            act_max = maxima.get(target.value.name)
+            if act_max is None:
+                continue
+            if self._smooth(model.graph, target, np.asarray(act_max, dtype=np.float64)):
+                smoothed += 1
+        forget_names(model.graph)
+        if smoothed:
+            self.context.notes.append(f"smooth_quant: smoothed {smoothed} activations (alpha {self.config.alpha})")
+        return ir.passes.PassResult(model, modified=smoothed > 0)
+
+    def _targets(self, graph: ir.Graph) -> list[_Target]:
+        found: dict[str, _Target] = {}
+        for node in graph:
+            if node.op_type not in self.config.op_types or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+                continue
+            x, w_value = node.inputs[0], node.inputs[1]
+            weight = constant_array(w_value)
+            if x is None or weight is None or weight.ndim != 2 or is_constant(x):
+                continue
+            transposed = False
+            if node.op_type == "Gemm":
+                if node.attributes.get_int("transA", 0):
+                    continue
+                transposed = bool(node.attributes.get_int("transB", 0))
+            found.setdefault(x.name, _Target(x)).uses.append((node, weight, transposed))
+        # every reader of X must be smoothed with the same s, unless a Mul isolates the smoothed ones
+        return list(found.values())
+
+    def _smooth(self, graph: ir.Graph, target: _Target, act_max: np.ndarray) -> bool:
+        k = act_max.shape[0]
+        rows = [np.abs(w.T if transposed else w) for _, w, transposed in target.uses]
+        if any(r.shape[0] != k for r in rows):
+            return False
+        w_max = np.max(np.stack([r.max(axis=1) for r in rows]), axis=0)
+        alpha = self.config.alpha
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.power(act_max, alpha) / np.power(w_max, 1.0 - alpha)
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        scale = np.clip(scale, 1e-5, 1e5)
+        for node, weight, transposed in target.uses:
+            new = weight * (scale[None, :] if transposed else scale[:, None])
+            base = node.inputs[1].name  # type: ignore[union-attr]
+            node.replace_input_with(1, add_initializer(graph, f"{base}_smoothed", new.astype(weight.dtype)))
+        if not self._fold_into_layernorm(graph, target, scale):
+            self._insert_mul(graph, target, scale)
+        return True
+
+    def _fold_into_layernorm(self, graph: ir.Graph, target: _Target, scale: np.ndarray) -> bool:
+        producer = target.value.producer()
+        if not self.config.fold_into_layernorm or producer is None or producer.op_type != "LayerNormalization":
+            return False
+        readers = {id(use.node) for use in target.value.uses()}
+        if readers != {id(node) for node, _, _ in target.uses} or target.value.is_graph_output():
+            return False  # another reader needs the unscaled X
+        gamma = constant_array(producer.inputs[1])
+        beta = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
+        if gamma is None or gamma.shape != scale.shape or (beta is not None and beta.shape != scale.shape):
+            return False
+        producer.replace_input_with(
+            1, add_initializer(graph, f"{producer.inputs[1].name}_smoothed", (gamma / scale).astype(gamma.dtype))
+        )
+        if beta is not None:
+            producer.replace_input_with(
+                2, add_initializer(graph, f"{producer.inputs[2].name}_smoothed", (beta / scale).astype(beta.dtype))
+            )
+        return True
+
+    def _insert_mul(self, graph: ir.Graph, target: _Target, scale: np.ndarray) -> None:
+        inverse = add_initializer(graph, f"{target.value.name}_smooth_scale", (1.0 / scale).astype(np.float32))
+        mul = ir.node("Mul", [target.value, inverse], name=unique_name(graph, f"{target.value.name}_smooth"))
+        mul.outputs[0].name = unique_name(graph, f"{target.value.name}_smoothed")
+        if target.value.dtype is not None:
+            mul.outputs[0].dtype = target.value.dtype
+        mul.outputs[0].shape = target.value.shape
+        graph.append(mul)
+        for node, _, _ in target.uses:
+            node.replace_input_with(0, mul.outputs[0])
+        graph.sort()
