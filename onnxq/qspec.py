@@ -79,6 +79,9 @@ class QuantSpec(_Frozen):
     reduce_range: bool = Field(
         False, description="7-bit range for 8-bit types: avoids int16 saturation in x86 kernels without VNNI"
     )
+    dynamic: bool = Field(
+        False, description="activations: quantized at run time (DynamicQuantizeLinear, uint8); no calibration"
+    )
 
     @property
     def is_float(self) -> bool:

@@ -4,8 +4,18 @@ from .assign_precision import AssignPrecision
 from .cleanup import Cleanup
 from .fold_batchnorm import FoldBatchNorm
 from .insert_qdq import InsertQDQ
+from .quantize_dynamic import QuantizeDynamic
 from .simplify import Simplify
 from .smooth_quant import SmoothQuant
 from .upgrade_opset import UpgradeOpset
 
-__all__ = ["AssignPrecision", "Cleanup", "FoldBatchNorm", "InsertQDQ", "Simplify", "SmoothQuant", "UpgradeOpset"]
+__all__ = [
+    "AssignPrecision",
+    "Cleanup",
+    "FoldBatchNorm",
+    "InsertQDQ",
+    "QuantizeDynamic",
+    "Simplify",
+    "SmoothQuant",
+    "UpgradeOpset",
+]

@@ -162,7 +162,9 @@ class InsertQDQ(Pass):
         compute: list[tuple[ir.Node, NodeQuant]] = []
         for node in graph:  # topological: a shared-scale op sees its producer's decision
             spec = get_qspec(node)
-            if spec is None or spec.skip or spec.activations.is_float or node.domain not in ("", "ai.onnx"):
+            if spec is None or spec.skip or spec.activations.is_float or spec.activations.dynamic:
+                continue  # float, or lowered at run time by quantize_dynamic
+            if node.domain not in ("", "ai.onnx"):
                 continue
             act = spec.activations
             if node.op_type in COMPUTE_OPS:
