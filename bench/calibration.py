@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=320, help="det image side")
     parser.add_argument("--skip-ort", action="store_true")
     parser.add_argument("--ort-memory-gb", type=float, default=10.0)
-    parser.add_argument("--ort-time-limit", type=float, default=600.0)
+    parser.add_argument("--ort-time-limit", type=float, default=180.0)
     parser.add_argument("--accuracy-calib", type=int, default=64)
     parser.add_argument("--accuracy-eval", type=int, default=64)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "calibration.json")

@@ -44,13 +44,27 @@ def isolated(
     try:
         status, value, seconds, peak = queue.get(timeout=timeout)
     except Exception:
+        peak_mb = _peak_rss_mb(proc.pid)
         proc.kill()
         proc.join()
-        return {"error": f"no result within {timeout:.0f} s (exit code {proc.exitcode})"}
+        if memory_cap_gb and peak_mb >= 0.8 * memory_cap_gb * 1024:
+            return {"error": f"out of memory (peak {peak_mb / 1024:.1f} GB at the {memory_cap_gb:g} GB cap)"}
+        return {"error": f"no result within {timeout:.0f} s (peak {peak_mb:.0f} MB)"}
     proc.join()
     if status != "ok":
         return {"error": value}
     return {"value": value, "seconds": seconds, "peak_rss_mb": peak}
+
+
+def _peak_rss_mb(pid: int | None) -> float:
+    """Peak resident memory of a live process, from /proc (0 when unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def session(model: str | Path, threads: int = 1):
