@@ -89,7 +89,7 @@ class PercentileCollector(HistogramCollector):
 class EntropyCollector(HistogramCollector):
     """TensorRT's KL-divergence threshold on |x|: the clip that best preserves the distribution's shape."""
 
-    candidates: int = 256
+    candidates: int = 64
     max_clipped: float = 0.001
 
     def range_of(self, hist: StreamingHistogram) -> TensorRange:
@@ -153,10 +153,12 @@ class ChannelAbsMaxCollector:
         return dict(self.maxima)
 
 
-def kl_threshold_bins(counts: np.ndarray, levels: int, candidates: int = 256) -> int:
-    """Number of |x| bins to keep (TensorRT's entropy calibration), searched over ~`candidates` cut points.
+def kl_threshold_bins(counts: np.ndarray, levels: int, candidates: int = 64) -> int:
+    """Number of |x| bins to keep (TensorRT's entropy calibration).
 
-    As in NVIDIA's pytorch-quantization, the zero bin is flattened to its neighbour first.
+    Searched coarse to fine (~`candidates` cut points, then the neighbourhood of the best one at a finer
+    step) instead of at every bin: the same answer on smooth KL curves, 3× less work. As in NVIDIA's
+    pytorch-quantization, the zero bin is flattened to its neighbour first.
     """
     counts = counts.astype(np.float64)
     if len(counts) > 1:
@@ -165,22 +167,25 @@ def kl_threshold_bins(counts: np.ndarray, levels: int, candidates: int = 256) ->
     if nbins <= levels or counts.sum() == 0:
         return nbins
     step = max(1, (nbins - levels) // candidates)
-    best_kl, best_i = math.inf, nbins
-    for i in range(levels, nbins + 1, step):
-        reference = counts[:i].copy()
-        reference[i - 1] += counts[i:].sum()  # outliers clip into the last kept bin
-        groups = (np.arange(i) * levels) // i
-        used = counts[:i] > 0
-        group_sums = np.bincount(groups, weights=counts[:i], minlength=levels)
-        group_used = np.bincount(groups, weights=used, minlength=levels)
-        expanded = np.where(used, group_sums[groups] / np.maximum(group_used[groups], 1), 0.0)
-        p = reference / reference.sum()
-        q = expanded / max(expanded.sum(), 1e-300)
-        mask = p > 0
-        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
-        if kl < best_kl:
-            best_kl, best_i = kl, i
-    return best_i
+    best_i = min(range(levels, nbins + 1, step), key=lambda i: _kl(counts, i, levels))
+    fine = max(1, step // 16)
+    window = range(max(levels, best_i - step), min(nbins, best_i + step) + 1, fine)
+    return min(window, key=lambda i: (_kl(counts, i, levels), i))
+
+
+def _kl(counts: np.ndarray, i: int, levels: int) -> float:
+    """KL(P‖Q) of keeping i bins: P clips the tail into bin i−1, Q is P's first i bins merged into `levels`."""
+    reference = counts[:i].copy()
+    reference[i - 1] += counts[i:].sum()
+    groups = (np.arange(i) * levels) // i
+    used = counts[:i] > 0
+    group_sums = np.bincount(groups, weights=counts[:i], minlength=levels)
+    group_used = np.bincount(groups, weights=used, minlength=levels)
+    expanded = np.where(used, group_sums[groups] / np.maximum(group_used[groups], 1), 0.0)
+    p = reference / reference.sum()
+    q = expanded / max(expanded.sum(), 1e-300)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
 
 COLLECTORS: dict[str, type] = {
