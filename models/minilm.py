@@ -70,11 +70,13 @@ def _cached(name: str, cache_dir: Path | None) -> Path:
 
 # ------------------------------------------------------------------------------------------ tokenizer
 
-# Unicode blocks that BERT splits into single characters (BasicTokenizer._is_chinese_char).
+# Unicode blocks that BERT splits into single characters.  0x2B920 (not BERT's 0x2B820) is what the
+# `tokenizers` library behind HF's BertTokenizer has, and matching its ids is the point.
 _CJK = (
     (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-    (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
+    (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
 )  # fmt: skip
+_DROPPED = frozenset(("Cc", "Cf", "Co", "Cs"))  # "control" for BERT; unassigned code points (Cn) are kept
 
 
 class WordPieceTokenizer:
@@ -84,6 +86,10 @@ class WordPieceTokenizer:
     spaces around CJK characters, strip accents (NFD, drop marks), lowercase, split on whitespace and
     punctuation, then greedy longest-match WordPiece with ``##`` continuations ([UNK] for a word that
     does not decompose or is over 100 characters).  Special tokens written in the text are kept whole.
+
+    Character classes come from Python's ``unicodedata``; ``tokenizers`` has older Unicode tables, so a
+    few hundred rare code points (marks and punctuation added or recategorised in Unicode 11-14) can
+    tokenize differently.  English, European, CJK and Korean text gives the same ids.
     """
 
     unk, cls, sep, pad = "[UNK]", "[CLS]", "[SEP]", "[PAD]"
@@ -152,7 +158,7 @@ def _normalize(text: str) -> str:
     """BertNormalizer(clean_text, handle_chinese_chars, strip_accents, lowercase)."""
     chars: list[str] = []
     for ch in text:
-        if ch in "\x00\ufffd" or (ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")):
+        if ch in "\x00\ufffd" or (ch not in "\t\n\r" and unicodedata.category(ch) in _DROPPED):
             continue
         if ch.isspace():
             chars.append(" ")
