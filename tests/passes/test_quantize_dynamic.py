@@ -37,7 +37,7 @@ def _mlp() -> onnx.ModelProto:
     return model
 
 
-def test_int8_dynamic_needs_no_data_fuses_and_beats_onnxruntime(tmp_path: Path) -> None:
+def test_int8_dynamic_needs_no_data_fuses_and_beats_onnxruntime_per_channel(tmp_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = _mlp()
@@ -47,10 +47,11 @@ def test_int8_dynamic_needs_no_data_fuses_and_beats_onnxruntime(tmp_path: Path) 
     assert result.calibration_seconds == 0.0
     fused = optimized_op_counts(result.output)
     assert fused["DynamicQuantizeMatMul"] == 2 and fused["MatMul"] + fused["Gemm"] == 0
-    quantize_dynamic(str(path), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8)
+    # the same granularity as ours; its full 8-bit columns saturate int16 pair sums on CPUs without VNNI
+    quantize_dynamic(str(path), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8, per_channel=True)
     x = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
     (ref,) = run(proto, {"x": x})
     ours = qmath.sqnr_db(ref, run(result.output, {"x": x})[0])
     theirs = qmath.sqnr_db(ref, run(tmp_path / "ort.onnx", {"x": x})[0])
-    assert ours > 25 and ours >= theirs - 0.01, (ours, theirs)
+    assert ours > 30 and ours >= theirs, (ours, theirs)
     assert result.model.graph.outputs[0].name == "y"

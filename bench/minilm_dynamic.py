@@ -1,0 +1,64 @@
+"""all-MiniLM-L6-v2, dynamic int8: onnxq `int8-dynamic` vs onnxruntime quantize_dynamic, one run.
+
+Needs the exported model in the zoo cache (`.venv-build/bin/python models/minilm_export.py`, once; torch
+is only for that). Prints sentence-embedding cosine vs fp32 (mean, min), Spearman of pairwise
+similarities, quantize time, and 1-thread latency (interleaved rounds) on the longest of the sentences.
+
+    python bench/minilm_dynamic.py [--sentences 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import latencies_ms  # noqa: E402
+from models import minilm  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=64)
+    args = parser.parse_args()
+    import onnxruntime.quantization as ortq
+
+    import onnxq
+
+    model = str(minilm.model_path())
+    feeds = minilm.make_inputs(args.sentences, seed=1)
+    reference = minilm.embeddings(model, feeds)
+    with tempfile.TemporaryDirectory(prefix="onnxq-minilm-") as work:
+        candidates = {
+            "onnxq int8-dynamic": lambda out: onnxq.run(model, "int8-dynamic", output=out, validate=False),
+            "ort quantize_dynamic": lambda out: ortq.quantize_dynamic(model, out, weight_type=ortq.QuantType.QInt8),
+            "ort quantize_dynamic per_channel": lambda out: ortq.quantize_dynamic(
+                model, out, weight_type=ortq.QuantType.QInt8, per_channel=True
+            ),
+        }
+        paths = {"fp32": model}
+        print(f"{'model':34s} {'quantize s':>10s} {'cos mean':>9s} {'cos min':>8s} {'spearman':>9s}")
+        for label, quantize in candidates.items():
+            out = str(Path(work) / f"{len(paths)}.onnx")
+            started = time.perf_counter()
+            quantize(out)
+            seconds = time.perf_counter() - started
+            emb = minilm.embeddings(out, feeds)
+            cos = minilm.cosine_per_row(reference, emb)
+            rho = minilm.spearman_of_pairwise_similarities(reference, emb)
+            print(f"{label:34s} {seconds:10.1f} {cos.mean():9.4f} {cos.min():8.4f} {rho:9.4f}")
+            paths[label] = out
+        longest = max(feeds, key=lambda f: f["input_ids"].shape[1])
+        latency = latencies_ms(paths, longest)
+        print(f"\n1-thread latency, sequence of {longest['input_ids'].shape[1]} tokens:")
+        for label, ms in latency.items():
+            print(f"  {label:34s} {ms:6.2f} ms  speedup {latency['fp32'] / ms:.2f}")
+
+
+if __name__ == "__main__":
+    main()
