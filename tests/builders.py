@@ -69,3 +69,24 @@ def cnn_data(n: int = 64, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = rng.uniform(0, 1, (n, 1, 8, 8)).astype(np.float32)
     return (base * (rng.uniform(0, 1, (n, 1, 1, 1)) > 0.2)).astype(np.float32)
+
+
+def float_model(
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, list],
+    outputs: dict[str, list],
+    initializers: dict[str, np.ndarray],
+    opset: int = 13,
+) -> onnx.ModelProto:
+    """A checked model with float inputs/outputs of the given (symbolic) shapes, at an IR version onnxruntime takes."""
+    graph = helper.make_graph(
+        nodes,
+        "test",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()],
+        initializer=[_init(n, a) for n, a in initializers.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    onnx.checker.check_model(model)
+    return model

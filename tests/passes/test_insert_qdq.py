@@ -6,7 +6,7 @@ import collections
 
 import numpy as np
 import pytest
-from builders import cnn_data, small_cnn
+from builders import cnn_data, float_model, small_cnn
 from ort_util import optimized_op_counts, run
 
 from onnxq import ir as onnxq_ir
@@ -137,25 +137,16 @@ def test_model_with_nothing_to_quantize_is_left_valid() -> None:
 
 def _gemm_after_scaling(factor: float):
     """x·factor → Gemm with a large bias: the Gemm input range is zero (factor 0) or tiny."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(np.array(factor, np.float32), "k"),
-        numpy_helper.from_array(rng.normal(0, 0.5, (3, 8)).astype(np.float32), "w"),
-        numpy_helper.from_array(np.array([1.5, -0.7, 0.2], np.float32), "b"),
-    ]
+    inits = {
+        "k": np.array(factor, np.float32),
+        "w": rng.normal(0, 0.5, (3, 8)).astype(np.float32),
+        "b": np.array([1.5, -0.7, 0.2], np.float32),
+    }
     nodes = [helper.make_node("Mul", ["x", "k"], ["xs"]), helper.make_node("Gemm", ["xs", "w", "b"], ["y"], transB=1)]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 7
-    return model
+    return float_model(nodes, {"x": ["N", 8]}, {"y": ["N", 3]}, inits)
 
 
 @pytest.mark.parametrize("factor", [0.0, 1e-9])

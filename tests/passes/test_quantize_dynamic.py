@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from builders import float_model
+from onnx import helper
 from ort_util import optimized_op_counts, run
 
 import onnxq
@@ -15,26 +16,17 @@ from onnxq import qmath
 
 def _mlp() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 0.15, (64, 96)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.normal(0, 0.15, (32, 96)).astype(np.float32), "w2"),
-        numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), "b2"),
-    ]
+    inits = {
+        "w1": rng.normal(0, 0.15, (64, 96)).astype(np.float32),
+        "w2": rng.normal(0, 0.15, (32, 96)).astype(np.float32),
+        "b2": rng.normal(0, 0.1, 32).astype(np.float32),
+    }
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm"),
         helper.make_node("Relu", ["h"], ["r"], name="relu"),
         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 7
-    return model
+    return float_model(nodes, {"x": ["N", 64]}, {"y": ["N", 32]}, inits)
 
 
 def test_int8_dynamic_needs_no_data_fuses_and_beats_onnxruntime_per_channel(tmp_path: Path) -> None:
