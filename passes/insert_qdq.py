@@ -65,6 +65,11 @@ class InsertQDQConfig(PassConfig):
         description="one scale for Concat inputs and output; off keeps each input's own scale (QLinearConcat "
         "requantizes), which keeps Relu outputs unsigned so onnxruntime can still fuse Conv+Relu",
     )
+    float_output_ops: list[str] = Field(
+        default_factory=lambda: ["MatMul", "Gemm"],
+        description="ops whose output stays float when no quantized op reads it (onnxruntime has integer "
+        "kernels with float outputs for these; quantizing a residual-stream output only adds error)",
+    )
     quantize_bias: bool = Field(True, description="int32 bias (s_x·s_w) for Conv/Gemm, as integer kernels expect")
 
 
@@ -197,6 +202,8 @@ class InsertQDQ(Pass):
             plan.add(value, act)
             plan.read_by(value, node)
         out = self._group_output(node)
+        if node.op_type in self.config.float_output_ops and not _reaches_quantized_op(out):
+            return True  # integer kernel with a float output (QGemm, MatMulIntegerToFloat): no output error
         plan.add(out, act)
         plan.produced_quantized.add(out.name)
         return True
@@ -443,3 +450,20 @@ _DECIDING_OPS = frozenset({"Softmax", "LogSoftmax", "ArgMax", "ArgMin", "TopK"})
 def _clipping_changes_decisions(value: ir.Value) -> bool:
     """Logits and model outputs keep their exact range whatever the calibration method."""
     return value.is_graph_output() or any(use.node.op_type in _DECIDING_OPS for use in value.uses())
+
+
+def _reaches_quantized_op(value: ir.Value, depth: int = 8) -> bool:
+    """Whether an annotated compute or own-scale op reads `value`, looking through data-movement ops."""
+    for use in value.uses():
+        spec = get_qspec(use.node)
+        if spec is None or spec.skip or spec.activations.is_float or spec.activations.dynamic:
+            continue
+        if use.node.op_type in COMPUTE_OPS or use.node.op_type in OWN_SCALE_OPS:
+            return True
+        if (
+            use.node.op_type in SHARED_SCALE_OPS
+            and depth > 0
+            and any(_reaches_quantized_op(out, depth - 1) for out in use.node.outputs)
+        ):
+            return True
+    return False

@@ -35,7 +35,7 @@ def test_users_pass_manager_runs_onnxq_passes() -> None:
     result = manager(model)
     assert result.modified and result.model is model
     ops = collections.Counter(n.op_type for n in model.graph)
-    assert ops["QuantizeLinear"] == 9 and ops["Constant"] == 0 and ops["BatchNormalization"] == 0
+    assert ops["QuantizeLinear"] == 8 and ops["Constant"] == 0 and ops["BatchNormalization"] == 0
     CheckerPass(full_check=True)(model)
     assert qmath.sqnr_db(run(proto, {"x": x})[0], run(model, {"x": x})[0]) > 20
 

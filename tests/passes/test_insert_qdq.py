@@ -30,10 +30,11 @@ def _quantize(proto, **config):
 def test_small_cnn_gets_exact_qdq_layout_and_fuses_into_integer_kernels() -> None:
     model = _quantize(small_cnn())
     ops = collections.Counter(n.op_type for n in model.graph)
-    # activations: x, relu1, relu_a, conv_b, concat, maxpool (own input scale), relu2, flatten, logits
-    assert ops["QuantizeLinear"] == 9
-    # 9 activation DQs + 5 weights + 3 biases (conv1 after BN folding, conv2, fc)
-    assert ops["DequantizeLinear"] == 17
+    # activations: x, relu1, relu_a, conv_b, concat, maxpool (own input scale), relu2, flatten; the Gemm's
+    # output (logits) stays float: no quantized op reads it and QGemm has a float-output form
+    assert ops["QuantizeLinear"] == 8
+    # 8 activation DQs + 5 weights + 3 biases (conv1 after BN folding, conv2, fc)
+    assert ops["DequantizeLinear"] == 16
     fused = optimized_op_counts(model)
     assert fused["QLinearConv"] == 4
     assert fused["QGemm"] == 1
@@ -77,10 +78,16 @@ def test_shared_concat_scale_groups_inputs_and_output() -> None:
 
 
 def test_graph_output_name_is_kept_and_reads_the_dequantized_value() -> None:
-    model = _quantize(small_cnn())
+    model = _quantize(small_cnn(), float_output_ops=[])
     (output,) = model.graph.outputs
     assert output.name == "logits"
     assert output.producer().op_type == "DequantizeLinear"
+
+
+def test_gemm_output_read_by_no_quantized_op_stays_float() -> None:
+    model = _quantize(small_cnn())
+    (output,) = model.graph.outputs
+    assert output.name == "logits" and output.producer().op_type == "Gemm"
 
 
 def test_per_channel_on_old_opset_is_refused_with_the_fix() -> None:
