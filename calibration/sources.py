@@ -104,14 +104,19 @@ def load_callable(reference: str) -> Callable[..., Iterable[Feeds]]:
 
 
 class CallableReader:
-    """Feeds yielded by a user function; it may take the model's input specs as its one argument."""
+    """Feeds yielded by a user function; one that requires an argument gets the model's input specs."""
 
     def __init__(self, reference: str, specs: list[InputSpec], num_samples: int | None) -> None:
         self.function = load_callable(reference)
         self.reference, self.specs, self.num_samples = reference, specs, num_samples
 
     def __iter__(self) -> Iterator[Feeds]:
-        takes_specs = len(inspect.signature(self.function).parameters) >= 1
+        required = [
+            p
+            for p in inspect.signature(self.function).parameters.values()
+            if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        takes_specs = len(required) >= 1  # a function with only defaulted parameters is called bare
         produced = 0
         for feeds in self.function(self.specs) if takes_specs else self.function():
             if self.num_samples is not None and produced >= self.num_samples:

@@ -355,3 +355,9 @@ def spearman_of_pairwise_similarities(a: np.ndarray, b: np.ndarray) -> float:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+
+def calibration_feeds(n: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """Calibration data as onnxq takes it (`--calib models.minilm:calibration_feeds`): other sentences
+    than the evaluation ones (seed 0 vs 1), at their natural lengths."""
+    yield from make_inputs(n, seed=0)
