@@ -62,13 +62,25 @@ def _guard(fn):  # type: ignore[no-untyped-def]
 @_guard
 def run(
     model: Annotated[Path, typer.Argument(help="the float .onnx model (never modified)")],
-    recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name (int8) or a YAML file")] = "int8",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="output model [default: MODEL.q.onnx]")] = None,
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="built-in recipe (int8, int8-dynamic) or a YAML file")
+    ] = "int8",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="output model (default: MODEL.q.onnx beside the input)")
+    ] = None,
     calib: Annotated[
         str | None,
-        typer.Option(help=".npz of arrays keyed by input name (stacked on axis 0), a folder of them, or 'synthetic'"),
+        typer.Option(
+            help="calibration data: .npz of arrays keyed by input name (stacked on axis 0), a folder of them, "
+            "a folder of images (with calibration.preprocess), module:function, or 'synthetic'"
+        ),
     ] = None,
-    data: Annotated[str | None, typer.Option(help="evaluation data for validation [default: --calib]")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="evaluation data for validation (default: the calibration data); a 'label' array adds accuracy"
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="override a recipe key: calibration.num_samples=64, passes.upgrade_opset.target=17"),
@@ -76,8 +88,8 @@ def run(
     stats: Annotated[
         Path | None,
         typer.Option(
-            help="calibration statistics to reuse (a .calib.json from an earlier run) [default: "
-            "OUTPUT.calib.json, reused when model, settings and data match]"
+            help="calibration statistics to reuse (a .calib.json of an earlier run; by default OUTPUT.calib.json "
+            "is written and reused when model, settings and data match)"
         ),
     ] = None,
     workers: Annotated[
@@ -88,6 +100,16 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables")] = False,
 ) -> None:
     """Quantize MODEL with a recipe, validate it against the float model, and write MODEL.q.onnx.
+
+    Examples:
+
+      onnxq run model.onnx --calib calib.npz                  (static int8, min-max)
+
+      onnxq run model.onnx --calib calib.npz --set calibration.method=percentile --workers 2
+
+      onnxq run model.onnx --recipe int8-dynamic              (MatMul/Gemm, no data needed)
+
+      onnxq run model.onnx --dry-run                          (the per-node plan)
 
     Exit codes: 0 ok, 2 bad input (model, recipe, data), 3 validation gates failed (output still written).
     """
