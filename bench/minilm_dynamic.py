@@ -37,23 +37,29 @@ def main() -> None:
     reference = minilm.embeddings(model, feeds)
     with tempfile.TemporaryDirectory(prefix="onnxq-minilm-") as work:
 
-        def static(smooth: bool):  # type: ignore[no-untyped-def]
-            passes = [
+        def static(recipe: str | dict):  # type: ignore[no-untyped-def]
+            return lambda out: onnxq.run(
+                model,
+                recipe,
+                calib="models.minilm:calibration_feeds",
+                output=out,
+                overrides=["calibration.num_samples=64"],
+                validate=False,
+            )
+
+        without_smoothing = {
+            "calibration": {"method": "minmax"},
+            "passes": [
                 {"simplify": {}},
-                *([{"smooth_quant": {"alpha": 0.5}}] if smooth else []),
                 {"assign_precision": {"targets": ["MatMul", "Gemm"]}},
                 {"insert_qdq": {}},
                 {"cleanup": {}},
-            ]
-            recipe = {"calibration": {"method": "minmax", "num_samples": 64}, "passes": passes}
-            return lambda out: onnxq.run(
-                model, recipe, calib="models.minilm:calibration_feeds", output=out, validate=False
-            )
-
+            ],
+        }
         candidates = {
             "onnxq int8-dynamic": lambda out: onnxq.run(model, "int8-dynamic", output=out, validate=False),
-            "onnxq static W8A8": static(False),
-            "onnxq static W8A8 + smooth_quant": static(True),
+            "onnxq static W8A8, no SmoothQuant": static(without_smoothing),
+            "onnxq int8-transformer": static("int8-transformer"),
             "ort quantize_dynamic": lambda out: ortq.quantize_dynamic(model, out, weight_type=ortq.QuantType.QInt8),
             "ort quantize_dynamic per_channel": lambda out: ortq.quantize_dynamic(
                 model, out, weight_type=ortq.QuantType.QInt8, per_channel=True

@@ -79,3 +79,9 @@ def test_passes_declared_out_of_order_are_refused(tmp_path: Path) -> None:
     recipe = load_recipe({"passes": [{"insert_qdq": {}}, {"assign_precision": {}}]})
     with pytest.raises(RecipeError, match="'insert_qdq' must run after 'assign_precision'"):
         build_passes(recipe, PassContext())
+
+
+def test_every_builtin_recipe_validates() -> None:
+    for name in builtin_names():
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.passes
