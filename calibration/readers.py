@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.errors import UsageError, did_you_mean
+from onnxq.errors import UsageError, closest
 
 Feeds = dict[str, np.ndarray]
 SYNTHETIC = "synthetic"
@@ -107,11 +107,10 @@ class NpzReader:
             feeds: Feeds = {}
             for spec in self.specs:
                 if spec.name not in archive.files:
-                    hint = did_you_mean(spec.name, archive.files)
+                    close = closest(spec.name, archive.files)
                     raise UsageError(
                         f"'{path.name}' has no array for model input '{spec.name}' (it has {sorted(archive.files)})",
-                        f"{hint + ' ' if hint and hint.startswith('did') else ''}key each array by "
-                        "the model's input name",
+                        (f"did you mean '{close}'? " if close else "") + "key each array by the model's input name",
                     )
                 feeds[spec.name] = conform(archive[spec.name], spec, path)
             for extra in self.extras:

@@ -43,12 +43,18 @@ class GateFailure(OnnxqError):
     result: object | None = None
 
 
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice a misspelt `word` most likely meant, if any is close."""
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """The fix text for a misspelt name, or a list of what is allowed when nothing is close."""
     choices = sorted(set(choices))
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = closest(word, choices)
     if close:
-        return f"did you mean '{close[0]}'?"
+        return f"did you mean '{close}'?"
     if choices:
         shown = ", ".join(choices[:12]) + (", …" if len(choices) > 12 else "")
         return f"choose one of: {shown}"

@@ -113,15 +113,6 @@ def _retarget_external_data(model_path: Path, old: str, new: str) -> None:
     onnx.save(proto, model_path)
 
 
-def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed; identifies a model for caches and for the 'input unchanged' check."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model: ir.Model) -> str:
     """Fingerprint of the graph structure and weights as they are now (stats are only valid for this)."""
     return hashlib.sha256(to_proto(model).SerializeToString(deterministic=True)).hexdigest()[:16]

@@ -6,6 +6,7 @@ model (calibration data, statistics, defaults) comes in a `PassContext`, never f
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -96,16 +97,15 @@ class PassContext:
             )
         from onnxq.calibration.session import collect_ranges
 
-        started = time.perf_counter()
-        found_ranges, fingerprint = collect_ranges(
-            model,
-            names,
-            self.calibration_data,
-            exact=frozenset(exact),
-            show_progress=self.show_progress,
-            **self.calibration_settings,
-        )
-        self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - started
+        with self._timed("calibration"):
+            found_ranges, fingerprint = collect_ranges(
+                model,
+                names,
+                self.calibration_data,
+                exact=frozenset(exact),
+                show_progress=self.show_progress,
+                **self.calibration_settings,
+            )
         self.stats_fingerprint = key or fingerprint
         if self.stats_store is not None and key is not None:
             self.stats_store.save(key, self.calibration_settings.get("method", "minmax"), found_ranges)
@@ -120,18 +120,25 @@ class PassContext:
             )
         from onnxq.calibration.session import collect_ranges
 
-        started = time.perf_counter()
         settings = {k: v for k, v in self.calibration_settings.items() if k in ("batch_size", "workers")}
-        found, _ = collect_ranges(
-            model,
-            list(names),
-            self.calibration_data,
-            method="channel_absmax",
-            show_progress=self.show_progress,
-            **settings,
-        )
-        self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - started
+        with self._timed("calibration"):
+            found, _ = collect_ranges(
+                model,
+                list(names),
+                self.calibration_data,
+                method="channel_absmax",
+                show_progress=self.show_progress,
+                **settings,
+            )
         return found  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - started
 
     def invalidate(self, what: Iterable[str]) -> None:
         if ACTIVATION_STATS in set(what):

@@ -167,15 +167,6 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float(10.0 * np.log10(signal / noise))
 
 
-def cosine(reference: np.ndarray, test: np.ndarray) -> float:
-    a = np.asarray(reference, dtype=np.float64).ravel()
-    b = np.asarray(test, dtype=np.float64).ravel()
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    if denom == 0:
-        return 1.0 if np.array_equal(a, b) else 0.0
-    return float(np.dot(a, b) / denom)
-
-
 def top1_agreement(reference: np.ndarray, test: np.ndarray) -> float:
     """Share of rows whose argmax over the last axis agrees."""
     if reference.ndim < 1 or reference.shape[-1] < 2:

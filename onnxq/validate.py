@@ -25,7 +25,6 @@ class _Accumulator:
     signal: float = 0.0
     noise: float = 0.0
     dot: float = 0.0
-    ref_sq: float = 0.0
     test_sq: float = 0.0
     max_abs: float = 0.0
     abs_sum: float = 0.0
@@ -40,7 +39,6 @@ class _Accumulator:
         self.signal += float(np.sum(r * r))
         self.noise += float(np.sum(diff * diff))
         self.dot += float(np.sum(r * t))
-        self.ref_sq += float(np.sum(r * r))
         self.test_sq += float(np.sum(t * t))
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
@@ -68,7 +66,7 @@ class OutputMetrics:
             sqnr = -math.inf
         else:
             sqnr = 10 * math.log10(acc.signal / acc.noise)
-        denom = math.sqrt(acc.ref_sq * acc.test_sq)
+        denom = math.sqrt(acc.signal * acc.test_sq)
         cos = acc.dot / denom if denom else (1.0 if acc.noise == 0 else 0.0)
         return cls(
             name, sqnr, cos, acc.max_abs, acc.abs_sum / max(acc.count, 1), acc.agree / acc.rows if acc.rows else None

@@ -86,7 +86,3 @@ def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.initializers.values()
     for node in graph:
         yield from node.outputs
-
-
-def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    return {v.name: v for v in iter_values(graph) if v.name}

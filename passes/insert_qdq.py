@@ -146,9 +146,10 @@ class InsertQDQ(Pass):
             )
             return ir.passes.PassResult(model, modified=False)
         self._check_opset(opset, plan, compute_nodes)
-        ranges = self._ranges(model, plan)
+        values = {v.name: v for v in iter_values(graph) if v.name in plan.spec}  # the activations, by name
+        ranges = self._ranges(model, plan, values)
         qparams = self._group_qparams(plan, ranges)
-        self._insert_activation_qdq(graph, plan, qparams)
+        self._insert_activation_qdq(graph, plan, qparams, values)
         weight_cache: dict[tuple[str, QuantSpec, int | None], ir.Value] = {}
         for node, spec in compute_nodes:
             self._quantize_weight_and_bias(graph, node, spec, qparams, weight_cache)
@@ -272,8 +273,7 @@ class InsertQDQ(Pass):
 
     # --- parameters -------------------------------------------------------------------------------------
 
-    def _ranges(self, model: ir.Model, plan: _Plan) -> dict[str, TensorRange]:
-        values = {v.name: v for v in iter_values(model.graph) if v.name in plan.spec}
+    def _ranges(self, model: ir.Model, plan: _Plan, values: dict[str, ir.Value]) -> dict[str, TensorRange]:
         ranges: dict[str, TensorRange] = {}
         to_collect = []
         for name in plan.spec:
@@ -315,8 +315,7 @@ class InsertQDQ(Pass):
 
     # --- rewriting --------------------------------------------------------------------------------------
 
-    def _insert_activation_qdq(self, graph: ir.Graph, plan: _Plan, qparams: dict) -> None:
-        values = {v.name: v for v in iter_values(graph) if v.name in plan.spec}
+    def _insert_activation_qdq(self, graph: ir.Graph, plan: _Plan, qparams: dict, values: dict[str, ir.Value]) -> None:
         group_inits: dict[str, tuple[ir.Value, ir.Value]] = {}
         for name, value in values.items():
             root = plan.find(name)
