@@ -38,6 +38,16 @@ def load(path: str | os.PathLike) -> ir.Model:
         ) from None
 
 
+def is_constant(value: ir.Value | None) -> bool:
+    """Whether the value is known before run time: an initializer (not a graph input) or a Constant output."""
+    if value is None:
+        return False
+    if value.const_value is not None and not value.is_graph_input():
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and "value" in producer.attributes
+
+
 def min_ir_version(model: ir.Model) -> int:
     """Lowest IR version that can express the model's opsets (what onnxruntime wants to see)."""
     opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]

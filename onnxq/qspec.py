@@ -13,6 +13,8 @@ from typing import Literal
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from onnxq.ir import is_constant
+
 QSPEC_KEY = "onnxq.qspec"
 # Set on the graph by annotating passes: "annotations were decided", even when no node got one.
 ANNOTATED_KEY = "onnxq.annotated"
@@ -106,6 +108,9 @@ class Selector(_Frozen):
 
     op_types: list[str] | None = None
     names: list[str] | None = None
+    # True: only nodes with a constant operand (a weight); False: only nodes without one, such as the
+    # activation × activation MatMuls of attention, which are too small to gain from integer kernels.
+    has_weight: bool | None = None
 
     @field_validator("names")
     @classmethod
@@ -124,6 +129,8 @@ class Selector(_Frozen):
 
     def matches(self, node: ir.Node) -> bool:
         if self.op_types is not None and node.op_type not in self.op_types:
+            return False
+        if self.has_weight is not None and any(is_constant(v) for v in node.inputs) != self.has_weight:
             return False
         if self.names is not None:
             name = node.name or ""

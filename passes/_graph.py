@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.ir import is_constant as is_constant  # re-exported: passes take graph helpers from here
+
 
 def replace_model(model: ir.Model, new: ir.Model) -> None:
     """Move `new`'s contents into `model`: in-place passes that go through protobuf tools use this."""
@@ -28,15 +30,6 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
         if attr is not None:
             return attr.as_tensor().numpy()
     return None
-
-
-def is_constant(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    if value.const_value is not None and not value.is_graph_input():
-        return True
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Constant" and "value" in producer.attributes
 
 
 def default_opset(model: ir.Model) -> int:

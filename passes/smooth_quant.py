@@ -16,6 +16,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxq.pass_base import ACTIVATION_STATS, Pass, PassConfig
+from onnxq.qspec import Selector
 
 from ._graph import add_initializer, constant_array, forget_names, is_constant, unique_name
 
@@ -24,6 +25,10 @@ class SmoothQuantConfig(PassConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: 0 none, 1 all onto the weights")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], description="ops whose inputs smooth")
     fold_into_layernorm: bool = Field(True, description="fold 1/s into a producing LayerNormalization")
+    ignore: list[Selector] = Field(
+        default_factory=list,
+        description="readers whose input is left unsmoothed (each smoothed activation costs a Mul at run time)",
+    )
 
 
 @dataclass
@@ -62,6 +67,8 @@ class SmoothQuant(Pass):
         found: dict[str, _Target] = {}
         for node in graph:
             if node.op_type not in self.config.op_types or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+                continue
+            if any(selector.matches(node) for selector in self.config.ignore):
                 continue
             x, w_value = node.inputs[0], node.inputs[1]
             weight = constant_array(w_value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from builders import small_cnn
 
 from onnxq import ir as onnxq_ir
@@ -57,3 +58,23 @@ def test_frozen_annotations_are_never_overwritten() -> None:
     conv.meta["onnxq.qspec"] = frozen
     AssignPrecision(rules=[{"op_types": ["Conv"], "skip": True}])(model)
     assert get_qspec(conv) == frozen
+
+
+def test_has_weight_tells_weight_matmuls_from_activation_matmuls() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"),
+            helper.make_node("MatMul", ["y", "x"], ["z"], name="qk"),
+        ],
+        "attention-like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 4])],
+        initializer=[w],
+    )
+    model = onnxq_ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    AssignPrecision(targets=["MatMul"], ignore=[{"op_types": ["MatMul"], "has_weight": False}])(model)
+    specs = {n.name: get_qspec(n) for n in model.graph}
+    assert not specs["proj"].skip and specs["qk"].skip

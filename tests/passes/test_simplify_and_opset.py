@@ -36,3 +36,27 @@ def test_upgrade_from_opset_11_runs_and_never_downgrades() -> None:
     np.testing.assert_allclose(run(proto, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
     assert not UpgradeOpset(target=12)(model).modified
     assert model.opset_imports[""] == 13
+
+
+def test_batched_matmul_add_is_not_wrapped_in_reshapes() -> None:
+    """onnxsim's batched MatMul+Add → Gemm fusion adds Reshape/Shape/Concat around every transformer
+    projection (MiniLM: +60 nodes, ~8% slower in onnxruntime); simplify must leave the pair alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])],
+        initializer=inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = onnxq_ir.from_proto(proto)
+    Simplify()(model)
+    assert sorted(n.op_type for n in model.graph) == ["Add", "MatMul"]

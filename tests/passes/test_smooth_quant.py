@@ -106,3 +106,14 @@ def test_int8_with_smoothquant_beats_without(tmp_path: Path) -> None:
         out = onnxq.run(path, recipe, calib=str(calib), output=tmp_path / f"q{smooth}.onnx", validate=False).output
         scores[smooth] = qmath.sqnr_db(run(proto, {"x": x})[0], run(out, {"x": x})[0])
     assert scores[True] > scores[False] + 3, scores  # measured: 28.4 → 36.8 dB (first output)
+
+
+def test_ignored_readers_keep_their_input_unsmoothed() -> None:
+    proto, x = _model(layernorm=False), _data(32, 0)
+    model = onnxq_ir.from_proto(proto)
+    context = PassContext(calibration_data=lambda: iter([{"x": x}]))
+    SmoothQuant({"ignore": [{"op_types": ["Gemm"]}]}, context=context)(model)
+    muls = [n for n in model.graph if n.op_type == "Mul"]
+    assert len(muls) == 1 and muls[0].inputs[0].name == "x"  # only the MatMul's input was smoothed
+    gemm = next(n for n in model.graph if n.op_type == "Gemm")
+    assert gemm.inputs[1].name == "w2"
