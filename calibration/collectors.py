@@ -153,6 +153,31 @@ class ChannelAbsMaxCollector:
         return dict(self.maxima)
 
 
+@dataclass
+class GramCollector:
+    """E[x xᵀ] over the rows of X reshaped to [-1, K]: the layer Hessian (up to a factor 2) that GPTQ
+    compensates against and AWQ-style scaling weighs its error with. Sums are float64 so merging shards
+    gives the single-process result up to rounding."""
+
+    reductions: ClassVar[tuple[str, ...]] = ("gram", "rows")
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def update(self, name: str, reduced: dict[str, np.ndarray]) -> None:
+        gram = np.asarray(reduced["gram"], dtype=np.float64)
+        self.sums[name] = self.sums[name] + gram if name in self.sums else gram
+        self.counts[name] = self.counts.get(name, 0) + int(np.asarray(reduced["rows"]).reshape(-1)[0])
+
+    def merge(self, other: GramCollector) -> GramCollector:
+        merged = GramCollector({k: v.copy() for k, v in self.sums.items()}, dict(self.counts))
+        for name, value in other.sums.items():
+            merged.update(name, {"gram": value, "rows": np.array([other.counts[name]])})
+        return merged
+
+    def result(self, exact: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        return {name: total / max(self.counts[name], 1) for name, total in self.sums.items()}
+
+
 def kl_threshold_bins(counts: np.ndarray, levels: int, candidates: int = 64) -> int:
     """Number of |x| bins to keep (TensorRT's entropy calibration).
 
@@ -194,4 +219,5 @@ COLLECTORS: dict[str, type] = {
     "entropy": EntropyCollector,
     "mse": MSECollector,
     "channel_absmax": ChannelAbsMaxCollector,
+    "gram": GramCollector,
 }

@@ -35,7 +35,7 @@ def augmented_model(
     proto = onnxq_ir.to_proto(model)
     elem_types = _elem_types(proto)
     graph = proto.graph
-    if "sample" in reductions or "channel_absmax" in reductions:
+    if {"sample", "channel_absmax", "gram"} & set(reductions):
         _add_sampling_constants(graph, sample_per_tensor)
     for name in names:
         elem_type = elem_types.get(name, onnx.TensorProto.FLOAT)
@@ -48,6 +48,13 @@ def augmented_model(
             if reduction == "channel_absmax":
                 graph.node.extend(_channel_absmax_nodes(name, out, _opset(proto)))
                 graph.output.append(onnx.helper.make_tensor_value_info(out, elem_type, ["c"]))
+                continue
+            if reduction == "gram":
+                graph.node.extend(_gram_nodes(name, out, f"{name}{SUFFIX}rows"))
+                graph.output.append(onnx.helper.make_tensor_value_info(out, elem_type, ["c", "c"]))
+                continue
+            if reduction == "rows":
+                graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.INT64, [1]))
                 continue
             op = {"min": "ReduceMin", "max": "ReduceMax"}[reduction]
             graph.node.append(onnx.helper.make_node(op, [name], [out], keepdims=0, name=out))
@@ -78,18 +85,40 @@ def _opset(proto: onnx.ModelProto) -> int:
 def _channel_absmax_nodes(name: str, out: str, opset: int) -> list[onnx.NodeProto]:
     """max |x| per channel of the last axis, over every other axis: [..., C] → [C] (SmoothQuant's input)."""
     make = onnx.helper.make_node
-    absolute, shape, last, new_shape, flat = (f"{out}_{p}" for p in ("abs", "shape", "last", "shape2d", "flat"))
-    nodes = [
-        make("Abs", [name], [absolute], name=f"{out}_abs"),
-        make("Shape", [name], [shape], name=f"{out}_shape"),
-        make("Slice", [shape, f"{_K}flat", f"{_K}end"], [last], name=f"{out}_last"),
-        make("Concat", [f"{_K}flat", last], [new_shape], axis=0, name=f"{out}_concat"),
-        make("Reshape", [absolute, new_shape], [flat], name=f"{out}_reshape"),
-    ]
+    nodes = [make("Abs", [name], [f"{out}_abs"], name=f"{out}_abs")]
+    rows, flat = _last_axis_rows(f"{out}_abs", out)
+    nodes += rows
     if opset >= 18:
         nodes.append(make("ReduceMax", [flat, f"{_K}zero"], [out], keepdims=0, name=out))
     else:
         nodes.append(make("ReduceMax", [flat], [out], axes=[0], keepdims=0, name=out))
+    return nodes
+
+
+def _last_axis_rows(name: str, out: str) -> tuple[list[onnx.NodeProto], str]:
+    """x [..., C] → [rows, C] (the value returned), for any rank and shape."""
+    make = onnx.helper.make_node
+    shape, last, new_shape, flat = (f"{out}_{p}" for p in ("shape", "last", "shape2d", "flat"))
+    nodes = [
+        make("Shape", [name], [shape], name=f"{out}_shape"),
+        make("Slice", [shape, f"{_K}flat", f"{_K}end"], [last], name=f"{out}_last"),
+        make("Concat", [f"{_K}flat", last], [new_shape], axis=0, name=f"{out}_concat"),
+        make("Reshape", [name, new_shape], [flat], name=f"{out}_reshape"),
+    ]
+    return nodes, flat
+
+
+def _gram_nodes(name: str, out: str, rows: str) -> list[onnx.NodeProto]:
+    """Σ_rows x xᵀ as one [C, C] MatMul in onnxruntime, and the row count: Python sees C² numbers per batch
+    instead of the activation itself."""
+    make = onnx.helper.make_node
+    nodes, flat = _last_axis_rows(name, out)
+    nodes += [
+        make("Transpose", [flat], [f"{out}_t"], perm=[1, 0], name=f"{out}_transpose"),
+        make("MatMul", [f"{out}_t", flat], [out], name=out),
+        make("Shape", [flat], [f"{out}_flat_shape"], name=f"{out}_flat_shape"),
+        make("Slice", [f"{out}_flat_shape", f"{_K}zero", f"{_K}one"], [rows], name=f"{out}_rows"),
+    ]
     return nodes
 
 

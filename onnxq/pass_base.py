@@ -113,22 +113,34 @@ class PassContext:
 
     def channel_absmax(self, model: ir.Model, names: Iterable[str]) -> dict[str, Any]:
         """Per-channel (last axis) max |x| of each tensor over the calibration data: one onnxruntime pass."""
+        return self._tensor_statistic(model, list(names), "channel_absmax", "per-channel activation statistics")
+
+    def gram(self, model: ir.Model, names: Iterable[str], budget_mb: float = 1024.0) -> Iterator[dict[str, Any]]:
+        """E[x xᵀ] over the rows of each tensor (last axis = features), yielded in groups whose matrices
+        fit in `budget_mb` together: one onnxruntime pass per group, so memory stays bounded on big models
+        and a consumer can finish one group (GPTQ) before the next is computed."""
+        groups: list[list[str]] = [[]]
+        used = 0.0
+        for name in dict.fromkeys(names):
+            size = _last_dim(model, name) ** 2 * 8 / 2**20
+            if groups[-1] and used + size > budget_mb:
+                groups.append([])
+                used = 0.0
+            groups[-1].append(name)
+            used += size
+        for group in groups:
+            if group:
+                yield self._tensor_statistic(model, group, "gram", "second-moment (Hessian) statistics")
+
+    def _tensor_statistic(self, model: ir.Model, names: list[str], method: str, what: str) -> dict[str, Any]:
         if self.calibration_data is None:
-            raise UsageError(
-                "per-channel activation statistics need calibration data",
-                "pass --calib DATA.npz (arrays keyed by input name)",
-            )
+            raise UsageError(f"{what} need calibration data", "pass --calib DATA.npz (arrays keyed by input name)")
         from onnxq.calibration.session import collect_ranges
 
-        settings = {k: v for k, v in self.calibration_settings.items() if k in ("batch_size", "workers")}
+        settings = {k: v for k, v in self.calibration_settings.items() if k in ("batch_size", "workers", "num_samples")}
         with self._timed("calibration"):
             found, _ = collect_ranges(
-                model,
-                list(names),
-                self.calibration_data,
-                method="channel_absmax",
-                show_progress=self.show_progress,
-                **settings,
+                model, names, self.calibration_data, method=method, show_progress=self.show_progress, **settings
             )
         return found  # type: ignore[return-value]
 
@@ -144,6 +156,15 @@ class PassContext:
         if ACTIVATION_STATS in set(what):
             self.ranges.clear()
             self.stats_fingerprint = None
+
+
+def _last_dim(model: ir.Model, name: str) -> int:
+    """Size of the feature axis of a tensor, from its recorded shape (1 when unknown: it is only a budget)."""
+    values = [*model.graph.inputs, *(out for node in model.graph for out in node.outputs)]
+    for value in values:
+        if value.name == name and value.shape is not None and value.shape.rank() and isinstance(value.shape[-1], int):
+            return value.shape[-1]
+    return 1
 
 
 class Pass(ir.passes.InPlacePass):

@@ -4,7 +4,9 @@ from .assign_precision import AssignPrecision
 from .cleanup import Cleanup
 from .fold_batchnorm import FoldBatchNorm
 from .insert_qdq import InsertQDQ
+from .matmul_nbits import FromMatMulNBits, ToMatMulNBits
 from .quantize_dynamic import QuantizeDynamic
+from .quantize_weights import QuantizeWeights
 from .simplify import Simplify
 from .smooth_quant import SmoothQuant
 from .upgrade_opset import UpgradeOpset
@@ -13,9 +15,12 @@ __all__ = [
     "AssignPrecision",
     "Cleanup",
     "FoldBatchNorm",
+    "FromMatMulNBits",
     "InsertQDQ",
     "QuantizeDynamic",
+    "QuantizeWeights",
     "Simplify",
     "SmoothQuant",
+    "ToMatMulNBits",
     "UpgradeOpset",
 ]

@@ -18,7 +18,8 @@ from pydantic import Field
 from onnxq.pass_base import ACTIVATION_STATS, Pass, PassConfig
 from onnxq.qspec import Selector
 
-from ._graph import add_initializer, constant_array, forget_names, is_constant, unique_name
+from ._graph import add_initializer, constant_array, forget_names, is_constant
+from ._scaling import divide_activation
 
 
 class SmoothQuantConfig(PassConfig):
@@ -98,38 +99,6 @@ class SmoothQuant(Pass):
             new = weight * (scale[None, :] if transposed else scale[:, None])
             base = node.inputs[1].name  # type: ignore[union-attr]
             node.replace_input_with(1, add_initializer(graph, f"{base}_smoothed", new.astype(weight.dtype)))
-        if not self._fold_into_layernorm(graph, target, scale):
-            self._insert_mul(graph, target, scale)
+        readers = [node for node, _, _ in target.uses]
+        divide_activation(graph, target.value, readers, scale, self.config.fold_into_layernorm)
         return True
-
-    def _fold_into_layernorm(self, graph: ir.Graph, target: _Target, scale: np.ndarray) -> bool:
-        producer = target.value.producer()
-        if not self.config.fold_into_layernorm or producer is None or producer.op_type != "LayerNormalization":
-            return False
-        readers = {id(use.node) for use in target.value.uses()}
-        if readers != {id(node) for node, _, _ in target.uses} or target.value.is_graph_output():
-            return False  # another reader needs the unscaled X
-        gamma = constant_array(producer.inputs[1])
-        beta = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
-        if gamma is None or gamma.shape != scale.shape or (beta is not None and beta.shape != scale.shape):
-            return False
-        producer.replace_input_with(
-            1, add_initializer(graph, f"{producer.inputs[1].name}_smoothed", (gamma / scale).astype(gamma.dtype))
-        )
-        if beta is not None:
-            producer.replace_input_with(
-                2, add_initializer(graph, f"{producer.inputs[2].name}_smoothed", (beta / scale).astype(beta.dtype))
-            )
-        return True
-
-    def _insert_mul(self, graph: ir.Graph, target: _Target, scale: np.ndarray) -> None:
-        inverse = add_initializer(graph, f"{target.value.name}_smooth_scale", (1.0 / scale).astype(np.float32))
-        mul = ir.node("Mul", [target.value, inverse], name=unique_name(graph, f"{target.value.name}_smooth"))
-        mul.outputs[0].name = unique_name(graph, f"{target.value.name}_smoothed")
-        if target.value.dtype is not None:
-            mul.outputs[0].dtype = target.value.dtype
-        mul.outputs[0].shape = target.value.shape
-        graph.append(mul)
-        for node, _, _ in target.uses:
-            node.replace_input_with(0, mul.outputs[0])
-        graph.sort()

@@ -90,3 +90,70 @@ def float_model(
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
     onnx.checker.check_model(model)
     return model
+
+
+def tiny_transformer(
+    seed: int = 0, dim: int = 64, ffn: int = 80, opset: int = 17, activation: str = "Relu"
+) -> onnx.ModelProto:
+    """One pre-LN transformer block with the shapes weight-only quantization meets in the wild: Q/K/V
+    MatMuls sharing one LayerNorm output, activation × activation attention MatMuls, a Gemm (transB, bias)
+    on a flattened activation, and a down projection whose K (`ffn`) need not be a multiple of the block.
+    With Relu (or Clip) after the up projection onnxruntime's own DQ→MatMulNBits fusion gives up there."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+
+    def weight(k: int, n: int) -> np.ndarray:
+        return (rng.standard_normal((k, n)) / np.sqrt(k)).astype(f32)
+
+    inits = [
+        _init("gamma", rng.uniform(0.5, 1.5, dim).astype(f32)),
+        _init("beta", rng.normal(0, 0.1, dim).astype(f32)),
+        _init("wq", weight(dim, dim)),
+        _init("wk", weight(dim, dim)),
+        _init("wv", weight(dim, dim)),
+        _init("wo", weight(dim, dim)),
+        _init("bo", rng.normal(0, 0.1, dim).astype(f32)),
+        _init("w_up_t", weight(dim, ffn).T.copy()),  # Gemm transB layout [N, K]
+        _init("b_up", rng.normal(0, 0.1, ffn).astype(f32)),
+        _init("w_down", weight(ffn, dim)),
+        _init("flat", np.array([-1, dim], np.int64)),
+        _init("scale", np.array(1 / np.sqrt(dim), f32)),
+    ]
+    make = helper.make_node
+    nodes = [
+        make("LayerNormalization", ["x", "gamma", "beta"], ["ln"], axis=-1, name="ln"),
+        make("MatMul", ["ln", "wq"], ["q"], name="q_proj"),
+        make("MatMul", ["ln", "wk"], ["k"], name="k_proj"),
+        make("MatMul", ["ln", "wv"], ["v"], name="v_proj"),
+        make("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="k_t"),
+        make("MatMul", ["q", "kt"], ["scores"], name="qk"),
+        make("Mul", ["scores", "scale"], ["scaled"], name="scale_scores"),
+        make("Softmax", ["scaled"], ["probs"], axis=-1, name="softmax"),
+        make("MatMul", ["probs", "v"], ["context"], name="av"),
+        make("MatMul", ["context", "wo"], ["attn"], name="o_proj"),
+        make("Add", ["attn", "bo"], ["attn_b"], name="o_bias"),
+        make("Add", ["x", "attn_b"], ["h"], name="residual"),
+        make("Reshape", ["h", "flat"], ["h2"], name="flatten"),
+        make("Gemm", ["h2", "w_up_t", "b_up"], ["up"], transB=1, name="up_proj"),
+        make(activation, ["up"], ["act"], name="activation"),
+        make("MatMul", ["act", "w_down"], ["y"], name="down_proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_transformer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def transformer_data(n: int, seed: int, dim: int = 64, seq: int = 12) -> np.ndarray:
+    """Correlated channels with a few outliers, as real hidden states have (GPTQ's error compensation and
+    AWQ's scaling only pay on inputs like these, not on white noise)."""
+    mix = np.random.default_rng(1234).standard_normal((dim, dim)) / np.sqrt(dim) + np.eye(dim)  # one "model"
+    x = np.random.default_rng(seed).standard_normal((n, seq, dim)) @ mix
+    x[..., :3] *= 8.0
+    return x.astype(np.float32)

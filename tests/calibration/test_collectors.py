@@ -26,6 +26,8 @@ def _feed(collector, parts: list[np.ndarray]):  # type: ignore[no-untyped-def]
             "max": part.max(),
             "sample": part,
             "channel_absmax": np.abs(part[: part.size // 2 * 2]).reshape(-1, 2).max(axis=0, initial=0.0),
+            "gram": np.outer(part[:2], part[:2]) if part.size >= 2 else np.zeros((2, 2), np.float32),
+            "rows": np.array([1], np.int64),
         }
         collector.update("t", reduced)
     return collector
@@ -42,6 +44,8 @@ def test_merge_equals_collecting_everything(method: str, a: list[np.ndarray], b:
     for name, got in merged_result.items():
         if method == "channel_absmax":  # arrays of per-channel maxima
             np.testing.assert_array_equal(got, whole_result[name])
+        elif method == "gram":  # float64 sums in another order
+            np.testing.assert_allclose(got, whole_result[name], rtol=1e-12, atol=1e-9)
         else:
             assert got == whole_result[name]
 
