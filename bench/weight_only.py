@@ -4,10 +4,10 @@ Models: the tiny GPT (models/tinygpt, committed; metric: perplexity on held-out 
 all-MiniLM-L6-v2 (needs `.venv-build/bin/python models/minilm_export.py` once; metrics: sentence-embedding
 cosine vs fp32 and Spearman of pairwise similarities). For block 32 and 128 it prints, per quantizer:
 size ratio vs fp32, accuracy, quantize time and peak RSS (each quantizer in its own process), and the
-1-thread latency ratio vs fp32 (interleaved rounds). Both tools quantize asymmetric uint4 weights of every
-MatMul that has one; the "+ emb" row also puts the embedding tables in int4 (GatherBlockQuantized).
-onnxruntime's GPTQ and RTN configs run its bundled neural-compressor code; its HQQ needs torch, which
-onnxq never does: the row then says so.
+1-thread speed vs fp32 (interleaved rounds) on a full sequence and at the one-token shape of decoding.
+Both tools quantize asymmetric uint4 weights of every MatMul that has one; the "+ emb" row also puts the
+embedding tables in int4 (GatherBlockQuantized). onnxruntime's GPTQ and HQQ import torch, which onnxq
+never needs: without it their rows say so.
 
     python bench/weight_only.py [--models gpt,minilm] [--blocks 32,128] [--no-ort-gptq]
 """
@@ -81,6 +81,7 @@ class Task:
             self.calib, self.samples = "models.tinygpt:calibration_feeds", 32
             self.windows = tinygpt.make_windows(tinygpt.eval_text(), n=128)
             self.sample = {tinygpt.INPUT_NAME: self.windows[:1]}
+            self.step = {tinygpt.INPUT_NAME: self.windows[:1, :1]}  # one token: the decode-time shape
             self.reference = tinygpt.perplexity(self.model, self.windows)
         else:
             from models import minilm
@@ -89,6 +90,7 @@ class Task:
             self.calib, self.samples = "models.minilm:calibration_feeds", 64
             self.feeds = minilm.make_inputs(64, seed=1)
             self.sample = max(self.feeds, key=lambda f: f["input_ids"].shape[1])
+            self.step = {k: v[:, :2] for k, v in self.sample.items()}  # [CLS] and one token
             self.reference = minilm.embeddings(self.model, self.feeds)
 
     def header(self) -> str:
@@ -120,6 +122,8 @@ def main() -> None:
     args = parser.parse_args()
     onnxq_variants = {
         "onnxq rtn": ["passes.quantize_weights.algorithm=rtn"],
+        # onnxruntime's quantizer leaves accuracy_level 0 (fp32 activations): the same kernel setting
+        "onnxq rtn, level 0": ["passes.quantize_weights.algorithm=rtn", "passes.to_matmul_nbits.accuracy_level=0"],
         "onnxq gptq": [],
         "onnxq awq": ["passes.quantize_weights.algorithm=rtn", "passes.quantize_weights.awq=true"],
         "onnxq awq+gptq": ["passes.quantize_weights.awq=true"],
@@ -135,7 +139,8 @@ def main() -> None:
         fp32_size = os.path.getsize(task.model)
         for block in (int(b) for b in args.blocks.split(",")):
             print(f"\n== {name}, int4 block {block} ==")
-            print(f"{'quantizer':20s} {'size':>6s} {task.header():>28s} {'time s':>7s} {'RSS MB':>7s} {'speed':>6s}")
+            columns = f"{'time s':>7s} {'RSS MB':>7s} {'speed':>6s} {'@1 tok':>6s}"
+            print(f"{'quantizer':20s} {'size':>6s} {task.header():>28s} {columns}")
             print(f"{'fp32':20s} {1.0:6.3f} {task.fp32_row():>28s}")
             with tempfile.TemporaryDirectory(prefix="onnxq-wo-") as work:
                 runs: dict[str, dict[str, Any]] = {}
@@ -149,6 +154,7 @@ def main() -> None:
                     )
                 done = {label: run["value"] for label, run in runs.items() if "value" in run}
                 latency = latencies_ms({"fp32": task.model, **done}, task.sample, budget_s=8.0)
+                step = latencies_ms({"fp32": task.model, **done}, task.step, budget_s=4.0)
                 for label, run in runs.items():
                     if "error" in run:
                         print(f"{label:20s} failed: {run['error'][:110]}")
@@ -156,7 +162,8 @@ def main() -> None:
                     path = run["value"]
                     print(
                         f"{label:20s} {os.path.getsize(path) / fp32_size:6.3f} {task.score(path):>28s} "
-                        f"{run['seconds']:7.1f} {run['peak_rss_mb']:7.0f} {latency['fp32'] / latency[label]:6.2f}"
+                        f"{run['seconds']:7.1f} {run['peak_rss_mb']:7.0f} {latency['fp32'] / latency[label]:6.2f} "
+                        f"{step['fp32'] / step[label]:6.2f}"
                     )
 
 

@@ -263,5 +263,7 @@ def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value, bias: np.nda
         new_nodes.append(ir.node("Add", [matmul.outputs[0], bias_value], name=f"{gemm.name}_bias_add"))
         matmul.outputs[0].name = unique_name(graph, f"{gemm.name}_matmul_out")
     result = new_nodes[-1].outputs[0]
-    result.dtype, result.shape = output.dtype, output.shape
+    result.dtype = output.dtype or ir.DataType.FLOAT
+    if output.shape is not None:
+        result.shape = output.shape
     ir.convenience.replace_nodes_and_values(graph, gemm, [gemm], new_nodes, [output], [result])

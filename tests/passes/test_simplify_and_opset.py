@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import numpy as np
-from builders import cnn_data, small_cnn
+import onnx
+from builders import cnn_data, small_cnn, tiny_transformer, transformer_data
 from ort_util import run
 
 from onnxq import ir as onnxq_ir
@@ -60,3 +61,39 @@ def test_batched_matmul_add_is_not_wrapped_in_reshapes() -> None:
     model = onnxq_ir.from_proto(proto)
     Simplify()(model)
     assert sorted(n.op_type for n in model.graph) == ["Add", "MatMul"]
+
+
+def _reduce_model(opset: int) -> onnx.ModelProto:
+    """x → ReduceMean over the last axis (axes an attribute before 18, an input from 18) → Relu."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+            helper.make_node("Relu", ["m"], ["y"]),
+        ],
+        "reduce",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    return proto
+
+
+def test_upgrade_is_an_import_bump_only_where_every_op_keeps_its_meaning() -> None:
+    """17 → 21 on a graph without Reduce ops needs no rewrite; with ReduceMean, axes must become an input."""
+    plain = onnxq_ir.from_proto(tiny_transformer(opset=17))
+    before = [(n.op_type, len(n.inputs)) for n in plain.graph]
+    UpgradeOpset(target=21)(plain)
+    assert plain.opset_imports[""] == 21 and [(n.op_type, len(n.inputs)) for n in plain.graph] == before
+    x = transformer_data(2, seed=0)
+    np.testing.assert_allclose(run(tiny_transformer(opset=17), {"x": x})[0], run(plain, {"x": x})[0], rtol=1e-6)
+
+    proto = _reduce_model(17)
+    reduce = onnxq_ir.from_proto(proto)
+    UpgradeOpset(target=21)(reduce)
+    mean = next(n for n in reduce.graph if n.op_type == "ReduceMean")
+    assert len(mean.inputs) == 2 and "axes" not in mean.attributes  # converted, not just re-stamped
+    x = np.arange(10, dtype=np.float32).reshape(2, 5) - 4
+    np.testing.assert_allclose(run(proto, {"x": x})[0], run(reduce, {"x": x})[0])
