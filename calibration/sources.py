@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,7 +80,7 @@ class ImageFolderReader:
             yield {self.spec.name: conform(np.ascontiguousarray(array[None]), self.spec, path)}
 
 
-def load_callable(reference: str) -> Callable[..., Iterable[Feeds]]:
+def load_callable(reference: str, purpose: str = "calibration data") -> Callable[..., Any]:
     """`package.module:function` or `path/to/file.py:function`."""
     target, _, attribute = reference.rpartition(":")
     try:
@@ -94,12 +94,12 @@ def load_callable(reference: str) -> Callable[..., Iterable[Feeds]]:
             module = importlib.import_module(target)
     except ImportError as exc:
         raise UsageError(
-            f"cannot import '{target}' for calibration data ({exc})",
+            f"cannot import '{target}' for {purpose} ({exc})",
             "check the module path, or give a file: path/to/data.py:function",
         ) from None
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise UsageError(f"'{target}' has no function '{attribute}'", "name a function that yields feed dicts")
+        raise UsageError(f"'{target}' has no function '{attribute}'", f"name the function that provides the {purpose}")
     return function
 
 

@@ -146,6 +146,7 @@ def _print_result(result: Any) -> None:
     _print_passes(result)
     for validation in result.validation:
         _print_validation(validation)
+    _print_diagnosis(result.report())
     out.print(
         f"wrote [bold]{result.output}[/] ({_size_line(result.sizes)})"
         + (f", report {result.report_path}" if result.report_path else "")
@@ -174,19 +175,65 @@ def _print_validation(v: Any) -> None:
         out.print(f"validation [{v.provider}]: {v.skipped}")
         return
     table = Table(title=f"validation on {v.provider} ({v.samples} samples)", title_justify="left")
-    for col in ("output", "SQNR dB", "cosine", "max |err|", "mean |err|", "top-1 agree"):
+    for col in ("output", "SQNR dB", "worst slice", "cosine", "max |err|", "mean |err|", "top-1 agree"):
         table.add_column(col, justify="right" if col != "output" else "left")
     for o in v.outputs:
         agree = "-" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
+        worst = "-" if o.slices is None else f"{o.slices.worst_sqnr_db:.2f} @[{o.slices.axis}={o.slices.worst_index}]"
         table.add_row(
-            o.name, f"{o.sqnr_db:.2f}", f"{o.cosine:.5f}", f"{o.max_abs_error:.4g}", f"{o.mean_abs_error:.4g}", agree
+            o.name,
+            f"{o.sqnr_db:.2f}",
+            worst,
+            f"{o.cosine:.5f}",
+            f"{o.max_abs_error:.4g}",
+            f"{o.mean_abs_error:.4g}",
+            agree,
         )
     out.print(table)
+    if v.task_metric is not None:
+        out.print(f"task metric: {v.task_metric:.4f}")
     if v.accuracy_float is not None:
         out.print(f"label accuracy: float {100 * v.accuracy_float:.2f}%  quantized {100 * v.accuracy_quantized:.2f}%")
     for gate in v.gates:
         mark = "[green]pass[/]" if gate.passed else "[red]FAIL[/]"
         out.print(f"gate {gate.gate}: {gate.value:.4g} (threshold {gate.threshold:g}) {mark}")
+
+
+def _print_diagnosis(report: dict[str, Any], top: int = 10) -> None:
+    """Latency, the realization check and the localization, as `run` and `validate` print them."""
+    for row in report.get("latency") or []:
+        out.print(
+            f"latency ({row['provider']}, {row['threads']} thread(s)): float {row['float_ms']:.3f} ms, "
+            f"quantized {row['quantized_ms']:.3f} ms, speedup {row['speedup']:.2f}×"
+        )
+    realized = report.get("realization")
+    if realized:
+        kernels = ", ".join(f"{k}×{n}" for k, n in sorted(realized["integer_kernels"].items())) or "none"
+        out.print(f"integer kernels ({realized['provider']}): {kernels}")
+        for fallback in realized["fallbacks"][:top]:
+            out.print(f"  [yellow]runs in float[/]: {fallback['node']} ({fallback['op_type']}): {fallback['reason']}")
+    found = report.get("localization")
+    if not found:
+        return
+    table = Table(title="where the error comes from (worst-slice SQNR drop)", title_justify="left")
+    for col in ("node", "op", "input dB", "output dB", "drop dB"):
+        table.add_column(col, justify="left" if col in ("node", "op") else "right")
+    for node in found["nodes"][:top]:
+        table.add_row(
+            node["name"],
+            node["op_type"],
+            f"{float(node['input_sqnr_db']):.1f}",
+            f"{float(node['sqnr_db']):.1f}",
+            f"{float(node['drop_db']):.1f}",
+        )
+    out.print(table)
+    whatif = found.get("whatif")
+    if whatif:
+        out.print(
+            f"what-if: keeping {', '.join(whatif['kept_float'])} in float moves the worst output slice from "
+            f"{float(whatif['before']):.1f} to {float(whatif['after']):.1f} dB"
+            + (" (gates pass)" if whatif["gates_pass_after"] else "")
+        )
 
 
 def _print_plan(plan: list[dict[str, Any]]) -> None:
@@ -205,32 +252,83 @@ def _print_plan(plan: list[dict[str, Any]]) -> None:
 def validate(
     float_model: Annotated[Path, typer.Argument(help="the float reference model")],
     quant_model: Annotated[Path, typer.Argument(help="the quantized model")],
-    data: Annotated[str, typer.Option(help=".npz data keyed by input name (labels under 'label')")],
-    providers: Annotated[str, typer.Option(help="comma-separated: cpu,cuda,tensorrt")] = "cpu",
-    min_sqnr_db: Annotated[float | None, typer.Option(help="gate: fail (exit 3) below this SQNR")] = None,
+    data: Annotated[str, typer.Option(help=".npz data (or folder, or module:function) keyed by input name")],
+    providers: Annotated[
+        str, typer.Option(help="comma-separated: cpu,cuda,tensorrt (missing ones are skipped)")
+    ] = "cpu",
+    min_sqnr_db: Annotated[float | None, typer.Option(help="gate: every output's SQNR at least this")] = None,
+    min_slice_sqnr_db: Annotated[
+        float | None, typer.Option(help="gate: every output slice along --slice-axis at least this (default 10)")
+    ] = 10.0,
+    slice_axis: Annotated[int, typer.Option(help="judge outputs per index along this axis too")] = 1,
+    metric: Annotated[
+        str | None, typer.Option(help="task metric module:function(float_outputs, quantized_outputs, batch) -> score")
+    ] = None,
+    min_task_metric: Annotated[float | None, typer.Option(help="gate: the task metric at least this")] = None,
+    localize: Annotated[
+        str, typer.Option(help="rank nodes by the error they add: auto (when a gate fails), always, never")
+    ] = "auto",
+    whatif: Annotated[int, typer.Option(help="re-validate with this many top culprits kept in float")] = 5,
+    threads: Annotated[int, typer.Option(help="threads for the latency measurement")] = 1,
+    report: Annotated[Path | None, typer.Option(help="write the report here (.html, with a .json beside it)")] = None,
 ) -> None:
-    """Compare a quantized model with its float original on the same data."""
+    """Compare a quantized model with its float original on the same data: per-output and per-slice metrics,
+    latency, which ops run on integer kernels, and (when a gate fails) which nodes lost the accuracy.
+
+    Exit code 3 when a gate fails.  Example:
+
+        onnxq validate model.onnx model.q.onnx --data eval.npz --providers cpu,cuda --report report.html
+    """
     from onnxq import ir as onnxq_ir
     from onnxq.calibration.readers import input_specs, open_data
-    from onnxq.errors import GateFailure, UsageError
-    from onnxq.recipe import Gates
+    from onnxq.errors import GateFailure, UsageError, did_you_mean
+    from onnxq.recipe import Gates, ValidateConfig
+    from onnxq.runner import diagnose
     from onnxq.validate import PROVIDERS, validate_models
 
     names = [p.strip() for p in providers.split(",") if p.strip()]
     for name in names:
         if name not in PROVIDERS:
-            from onnxq.errors import did_you_mean
-
             raise UsageError(f"unknown provider '{name}'", did_you_mean(name, PROVIDERS))
+    if localize not in ("auto", "always", "never"):
+        raise UsageError(f"unknown --localize '{localize}'", did_you_mean(localize, ["auto", "always", "never"]))
     model = onnxq_ir.load(float_model)
     onnxq_ir.load(quant_model)
     specs = input_specs(model)
-    gates = Gates(min_sqnr_db=min_sqnr_db)
+    gates = Gates(min_sqnr_db=min_sqnr_db, min_slice_sqnr_db=min_slice_sqnr_db, min_task_metric=min_task_metric)
+    cfg = ValidateConfig(
+        providers=names,
+        gates=gates,
+        slice_axis=slice_axis,
+        localize=localize,
+        whatif_top=whatif,
+        threads=threads,  # type: ignore[arg-type]
+    )
+    reader = open_data(data, specs, None, extras=("label",))
     results = validate_models(
-        float_model, quant_model, open_data(data, specs, None, extras=("label",)), specs, providers=names, gates=gates
+        float_model, quant_model, reader, specs, providers=names, gates=gates, slice_axis=slice_axis, metric=metric
     )
     for result in results:
         _print_validation(result)
+    found = diagnose(results, cfg, float_model, None, quant_model, reader, specs)
+    summary = {
+        "input": str(float_model),
+        "output": str(quant_model),
+        "sizes": {"input_bytes": float_model.stat().st_size, "output_bytes": quant_model.stat().st_size},
+        "validation": [r.to_json() for r in results],
+        "passed": all(r.passed for r in results),
+        "latency": found["latency"],
+        "realization": found["realization"][0] if found["realization"] else None,
+        "localization": found["localization"],
+    }
+    _print_diagnosis(summary)
+    if report is not None:
+        from onnxq.html_report import write_html
+        from onnxq.report import write_json
+
+        write_json(summary, report.with_suffix(".json"))
+        write_html(summary, report if report.suffix == ".html" else report.with_suffix(".html"))
+        out.print(f"report {report}")
     failed = [g for r in results for g in r.gates if not g.passed]
     if failed:
         raise GateFailure(f"validation gate {failed[0].gate} failed: {failed[0].value:.4g}")

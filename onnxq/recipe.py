@@ -62,9 +62,13 @@ class Gates(_Strict):
     """Thresholds; a failed gate makes `onnxq run`/`validate` exit with code 3."""
 
     min_sqnr_db: float | None = Field(None, description="every output's SQNR in dB at least this")
+    min_slice_sqnr_db: float | None = Field(
+        10.0, description="every output slice along validate.slice_axis at least this (catches collapsed heads)"
+    )
     min_cosine: float | None = Field(None, ge=-1, le=1)
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(None, ge=0, description="points of label accuracy lost at most")
+    min_task_metric: float | None = Field(None, description="validate.metric's score at least this")
 
 
 class ValidateConfig(_Strict):
@@ -74,6 +78,16 @@ class ValidateConfig(_Strict):
     batch_size: int = Field(1, ge=1, description="samples per run; larger batches cost memory, not time, on CPU")
     labels: str = Field("label", description="array in the data holding class labels, used when present")
     providers: list[Literal["cpu", "cuda", "tensorrt"]] = ["cpu"]
+    slice_axis: int | None = Field(1, ge=0, description="outputs are also judged per index along this axis")
+    metric: str | None = Field(
+        None, description="task metric module:function(float_outputs, quantized_outputs, batch) -> score"
+    )
+    localize: Literal["auto", "always", "never"] = Field(
+        "auto", description="rank nodes by the error they add: auto = when a gate fails"
+    )
+    whatif_top: int = Field(5, ge=0, description="re-validate with this many top culprits kept in float")
+    latency: bool = Field(True, description="measure float vs quantized latency on each provider")
+    threads: int = Field(1, ge=0, description="threads for the latency measurement (0: onnxruntime's default)")
     gates: Gates = Gates()
 
 

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnxq import ir as onnxq_ir
 from onnxq import registry
-from onnxq.calibration.readers import input_specs, open_data
+from onnxq.calibration.readers import input_specs, open_data, rebatch
 from onnxq.errors import GateFailure, RecipeError
 from onnxq.pass_base import Pass, PassContext
 from onnxq.qspec import NodeQuant, get_qspec
@@ -46,6 +46,9 @@ class Result:
     report_path: Path | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     calibration_seconds: float = 0.0
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    realization: list[dict[str, Any]] = field(default_factory=list)
+    localization: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -62,7 +65,31 @@ class Result:
             "ops": dict(Counter(n.op_type for n in self.model.graph)),
             "validation": [v.to_json() for v in self.validation],
             "passed": self.passed,
+            "latency": self.latency,
+            "realization": self.realization[0] if self.realization else None,
+            "localization": self.localization,
+            "precision": precision_map(self.model),
         }
+
+
+def precision_map(model: ir.Model) -> list[dict[str, str]]:
+    """Each node's precision in graph order, from its annotation or its lowered form (for the report)."""
+    rows = []
+    for node in model.graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+            continue
+        spec = get_qspec(node)
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            bits = node.attributes.get_int("bits", 4)
+            precision = f"int{bits} weights"
+        elif spec is None or spec.skip:
+            precision = "fp32"
+        elif spec.activations.is_float:
+            precision = f"{spec.weights.dtype} weights"
+        else:
+            precision = spec.activations.dtype
+        rows.append({"name": node.name or "", "op_type": node.op_type, "precision": precision})
+    return rows
 
 
 def build_passes(recipe: Recipe, context: PassContext) -> list[Pass]:
@@ -140,9 +167,12 @@ def run(
     stats_path = Path(stats) if stats else (out_path.with_name(out_path.name + ".calib.json") if out_path else None)
     context = make_context(working, resolved, calib, show_progress, stats_path, explicit_stats=stats is not None)
     result = Result(working, None, resolved, notes=context.notes)
+    pre_lowering: bytes | None = None  # the float graph the quantized one was lowered from (localization)
     for pass_ in build_passes(resolved, context):
         if dry_run and (pass_.lowers or pass_.needs):
             break
+        if pass_.lowers and pre_lowering is None and resolved.validate_.localize != "never":
+            pre_lowering = onnxq_ir.model_bytes(working)
         pass_.requires(working)
         started = time.perf_counter()
         with _status(show_progress, f"{pass_.name}…"):
@@ -164,6 +194,7 @@ def run(
     do_validate = resolved.validate_.enabled if validate is None else validate
     if do_validate:
         result.validation = _validate(resolved, float_reference, out_path, working, data or calib)
+        _diagnose(result, resolved, float_reference, pre_lowering, out_path, working, data or calib)
     if resolved.output.report:
         result.report_path = _write_report(result, out_path)
     if not result.passed:
@@ -213,13 +244,89 @@ def _validate(
         labels=cfg.labels,
         batch_size=cfg.batch_size,
         gates=cfg.gates,
+        slice_axis=cfg.slice_axis,
+        metric=cfg.metric,
     )
 
 
+def _diagnose(  # type: ignore[no-untyped-def]
+    result: Result, recipe: Recipe, float_model, pre_lowering: bytes | None, quant_path: Path, model, data
+) -> None:
+    source = recipe.validate_.data or data or recipe.calibration.data
+    if source is None:
+        return
+    specs = input_specs(model)
+    cfg = recipe.validate_
+    reader = open_data(source, specs, cfg.num_samples, recipe.calibration.seed, extras=(cfg.labels,))
+    found = diagnose(result.validation, cfg, float_model, pre_lowering, quant_path, reader, specs)
+    result.latency, result.realization, result.localization = (
+        found["latency"],
+        found["realization"],
+        found["localization"],
+    )
+
+
+def diagnose(  # type: ignore[no-untyped-def]
+    validation: list[ValidationResult], cfg, float_model, reference, quant_path: Path, reader, specs
+) -> dict[str, Any]:
+    """What a report adds to the metrics: latency, how the provider realizes the quantized graph, and,
+    when a gate failed (or always, if asked), which nodes lost the accuracy and what keeping the worst
+    of them in float recovers. `reference` is the float graph the quantized one was lowered from (its
+    tensor names match best), or None for `float_model`."""
+    import onnx
+
+    from onnxq import localize as loc
+    from onnxq.validate import latency
+
+    found: dict[str, Any] = {"latency": [], "realization": [], "localization": None}
+    judged = [v for v in validation if v.skipped is None]
+    if not judged:
+        return found
+    if cfg.latency:
+        first = next(iter(rebatch(reader(), specs, cfg.batch_size)))
+        feeds = {s.name: first[s.name] for s in specs}
+        found["latency"] = [latency(float_model, quant_path, feeds, v.provider, cfg.threads) for v in judged]
+    found["realization"] = [loc.realization(quant_path, v.provider).to_json() for v in judged]
+    if cfg.localize == "never" or (cfg.localize == "auto" and all(v.passed for v in judged)):
+        return found
+    source = reference if reference is not None else float_model
+    reference_proto = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+    located = loc.localize(reference_proto, quant_path, reader, specs, slice_axis=cfg.slice_axis)
+    if cfg.whatif_top:
+        kept, unchanged = loc.keep_float(onnx.load(str(quant_path)), located.top(cfg.whatif_top))
+        (after,) = validate_models(
+            float_model,
+            kept.SerializeToString(),
+            reader,
+            specs,
+            labels=cfg.labels,
+            batch_size=cfg.batch_size,
+            gates=cfg.gates,
+            slice_axis=cfg.slice_axis,
+        )
+        located.whatif = {
+            "kept_float": [n for n in located.top(cfg.whatif_top) if n not in unchanged],
+            "metric": "worst output slice SQNR (dB)",
+            "before": _worst_slice(judged[0]),
+            "after": _worst_slice(after),
+            "gates_pass_after": after.passed,
+        }
+    found["localization"] = located.to_json()
+    return found
+
+
+def _worst_slice(result: ValidationResult) -> float:
+    values = [o.slices.worst_sqnr_db if o.slices is not None else o.sqnr_db for o in result.outputs]
+    return min(values, default=float("nan"))
+
+
 def _write_report(result: Result, out_path: Path) -> Path:
+    from onnxq.html_report import write_html
     from onnxq.report import write_json
 
-    return write_json(result.report(), out_path.with_name(out_path.name + ".report.json"))
+    report = result.report()
+    write_html(report, out_path.with_name(out_path.name + ".report.html"))
+    return write_json(report, out_path.with_name(out_path.name + ".report.json"))
 
 
 def plan_of(model: ir.Model) -> list[dict[str, Any]]:

@@ -157,3 +157,34 @@ def transformer_data(n: int, seed: int, dim: int = 64, seq: int = 12) -> np.ndar
     x = np.random.default_rng(seed).standard_normal((n, seq, dim)) @ mix
     x[..., :3] *= 8.0
     return x.astype(np.float32)
+
+
+def box_score_head(seed: int = 0) -> onnx.ModelProto:
+    """A detector-style head: box regression (values in the hundreds) and a sigmoid score (0..1) joined by
+    one Concat on the channel axis, as YOLO-like exports do. One scale for both crushes the scores."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    inits = [
+        _init("w_box", rng.normal(0, 0.5, (4, 3, 3, 3)).astype(f32)),
+        _init("b_box", rng.normal(0, 0.1, 4).astype(f32)),
+        _init("w_score", rng.normal(0, 0.5, (1, 3, 3, 3)).astype(f32)),
+        _init("b_score", np.zeros(1, f32)),
+        _init("stride", np.array(200.0, f32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w_box", "b_box"], ["box_raw"], pads=[1, 1, 1, 1], name="box_conv"),
+        helper.make_node("Mul", ["box_raw", "stride"], ["box"], name="box_scale"),
+        helper.make_node("Conv", ["x", "w_score", "b_score"], ["score_raw"], pads=[1, 1, 1, 1], name="score_conv"),
+        helper.make_node("Sigmoid", ["score_raw"], ["score"], name="score_sigmoid"),
+        helper.make_node("Concat", ["box", "score"], ["y"], axis=1, name="head_concat"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "box_score_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8, 8])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model

@@ -44,6 +44,7 @@ def test_run_writes_a_valid_model_and_leaves_no_stray_files(cnn_path: Path, cnn_
         "cnn.onnx",
         "cnn.q.onnx",
         "cnn.q.onnx.calib.json",
+        "cnn.q.onnx.report.html",
         "cnn.q.onnx.report.json",
     ]
     assert list(workdir.iterdir()) == []
@@ -146,3 +147,21 @@ def test_method_and_workers_from_the_command_line(cnn_path: Path, cnn_calib: Pat
     assert result.returncode == 0, result.stderr
     bad = onnxq("run", cnn_path, "--calib", cnn_calib, "--set", "calibration.method=kl", cwd=workdir)
     assert bad.returncode == 2 and "calibration.method" in bad.stderr and "percentile" in bad.stderr
+
+
+def test_validate_with_a_task_metric_localization_and_an_html_report(
+    cnn_path: Path, cnn_calib: Path, workdir: Path
+) -> None:
+    assert onnxq("run", cnn_path, "--calib", cnn_calib, "--no-validate", cwd=workdir).returncode == 0
+    quant = cnn_path.with_name("cnn.q.onnx")
+    report = workdir / "report.html"
+    args = ["--data", cnn_calib, "--metric", "onnxq.metrics:top1_agreement", "--localize", "always"]
+    result = onnxq("validate", cnn_path, quant, *args, "--report", report, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "task metric: " in result.stdout and "where the error comes from" in result.stdout
+    assert "integer kernels (cpu): " in result.stdout and "QLinearConv" in result.stdout
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert data["validation"][0]["task_metric"] > 0.9 and data["localization"]["nodes"]
+    assert "<svg" in report.read_text()
+    failing = onnxq("validate", cnn_path, quant, *args[:4], "--min-task-metric", "1.01", cwd=workdir)
+    assert failing.returncode == 3 and "min_task_metric" in failing.stderr
