@@ -3,6 +3,7 @@
 from .assign_precision import AssignPrecision
 from .cleanup import Cleanup
 from .fold_batchnorm import FoldBatchNorm
+from .fold_qat import FoldQAT
 from .insert_qdq import InsertQDQ
 from .matmul_nbits import FromMatMulNBits, ToMatMulNBits
 from .quantize_dynamic import QuantizeDynamic
@@ -15,6 +16,7 @@ __all__ = [
     "AssignPrecision",
     "Cleanup",
     "FoldBatchNorm",
+    "FoldQAT",
     "FromMatMulNBits",
     "InsertQDQ",
     "QuantizeDynamic",

@@ -12,6 +12,8 @@ Placement is what onnxruntime fuses into integer kernels:
   output gets the union range (QLinearConcat requantizes); `share_concat_scale` restores sharing.
 - A value produced by a quantized op is read through its DQ by every consumer; a value produced in
   float (a graph input, a float op) is read through the DQ only by the quantized consumers.
+- Parts already in QDQ form (a QAT export, a model quantized before) are left alone: a node that reads a
+  DequantizeLinear output, and a value that already feeds a QuantizeLinear, are never quantized again.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class _Plan:
     readers: dict[str, set[int]] = field(default_factory=dict)  # value -> ids of quantized consumers
 
     def add(self, value: ir.Value, spec: QuantSpec) -> None:
+        if _feeds_quantize(value):
+            return  # rounded already (QAT, an earlier run): rounding twice only adds error
         self.spec.setdefault(value.name, spec)
         self.parent.setdefault(value.name, value.name)
 
@@ -93,12 +97,24 @@ class _Plan:
         return name
 
     def union(self, a: str, b: str) -> None:
+        if a not in self.parent or b not in self.parent:
+            return  # one of them was quantized before this pass ran
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
 
     def read_by(self, value: ir.Value, node: ir.Node) -> None:
         self.readers.setdefault(value.name, set()).add(id(node))
+
+
+def _reads_dequantized(node: ir.Node) -> bool:
+    return any(
+        v is not None and (p := v.producer()) is not None and p.op_type == "DequantizeLinear" for v in node.inputs
+    )
+
+
+def _feeds_quantize(value: ir.Value) -> bool:
+    return any(use.node.op_type == "QuantizeLinear" for use in value.uses())
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -142,7 +158,7 @@ class InsertQDQ(Pass):
         plan, compute_nodes = self._plan(graph)
         if not plan.spec:
             self.context.notes.append(
-                "insert_qdq: no float32 activation reaches an annotated op (an fp16 model?); nothing quantized"
+                "insert_qdq: nothing left to quantize (annotated ops are float16, or already in QDQ form)"
             )
             return ir.passes.PassResult(model, modified=False)
         self._check_opset(opset, plan, compute_nodes)
@@ -170,7 +186,7 @@ class InsertQDQ(Pass):
             spec = get_qspec(node)
             if spec is None or spec.skip or spec.activations.is_float or spec.activations.dynamic:
                 continue  # float, or lowered at run time by quantize_dynamic
-            if node.domain not in ("", "ai.onnx"):
+            if node.domain not in ("", "ai.onnx") or _reads_dequantized(node):
                 continue
             act = spec.activations
             if node.op_type in COMPUTE_OPS:
@@ -233,7 +249,7 @@ class InsertQDQ(Pass):
             for value in data_inputs:
                 plan.add(value, act)
                 plan.read_by(value, node)
-            plan.add(outputs[0], plan.spec[data_inputs[0].name])
+            plan.add(outputs[0], plan.spec.get(data_inputs[0].name, act))
             plan.produced_quantized.add(outputs[0].name)
             return
         for value in data_inputs:
@@ -241,7 +257,7 @@ class InsertQDQ(Pass):
             plan.read_by(value, node)
             plan.union(data_inputs[0].name, value.name)
         for out in outputs:
-            plan.add(out, plan.spec[data_inputs[0].name])
+            plan.add(out, plan.spec.get(data_inputs[0].name, act))
             plan.produced_quantized.add(out.name)
             plan.union(data_inputs[0].name, out.name)
 

@@ -139,7 +139,7 @@ def test_model_with_nothing_to_quantize_is_left_valid() -> None:
     context = PassContext(calibration_data=lambda: iter([{"x": np.ones((2, 4), np.float32)}]))
     AssignPrecision(context=context)(model)
     assert not InsertQDQ(context=context)(model).modified
-    assert "nothing quantized" in context.notes[-1]
+    assert "nothing left to quantize" in context.notes[-1]
 
 
 def _gemm_after_scaling(factor: float):

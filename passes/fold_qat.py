@@ -1,0 +1,392 @@
+"""fold_qat: keep what quantization-aware training learned, as fixed integer weights and Q/DQ pairs.
+
+Models come out of training in three forms, all handled here:
+- Q/DQ pairs (torch.onnx from FakeQuantize modules): a weight's QuantizeLinear on a float initializer
+  becomes an integer initializer read by its DequantizeLinear, so nothing rounds weights at run time.
+- Fake quantization decomposed into arithmetic (x / s → Round → + z → Clip → − z → · s, as exporters
+  write it when they trace the math instead of the op) is recognised and restored to Q → DQ.
+- A sidecar of learned scales (JSON: {"tensors": {name: {scale, zero_point, bits, signed, axis}}}), the
+  usual result of learned-step-size training whose fake-quant ops do not export: weights are quantized
+  with the learned parameters and activations get Q → DQ with them.
+Back-to-back DQ → Q with equal parameters is removed. Everything in QDQ form afterwards is left alone by
+insert_qdq, so a recipe quantizes only what training did not cover, and running this pass again changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from onnxq import qmath
+from onnxq.errors import UsageError
+from onnxq.pass_base import Pass, PassConfig
+
+from ._graph import add_initializer, constant_array, default_opset, forget_names, unique_name
+
+STORAGE = {  # (bits, signed) -> onnxq dtype name
+    (8, True): "int8",
+    (8, False): "uint8",
+    (4, True): "int4",
+    (4, False): "uint4",
+    (16, True): "int16",
+    (16, False): "uint16",
+}
+RANGE_TYPES = {(0, 255): "uint8", (-128, 127): "int8", (-127, 127): "int8", (0, 15): "uint4", (-8, 7): "int4"}
+RANGE_TYPES |= {(-7, 7): "int4"}
+
+
+class FoldQATConfig(PassConfig):
+    sidecar: str | None = Field(None, description="learned scales (JSON): tensor name → scale, zero_point, bits, axis")
+    decomposed: bool = Field(True, description="restore fake quantization written as Div/Round/Clip/Mul to Q/DQ")
+
+
+class FoldQAT(Pass):
+    name = "fold_qat"
+    Config = FoldQATConfig
+    after = ("upgrade_opset",)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        counts = {"restored": 0, "sidecar": 0, "weights": 0, "pairs": 0}
+        if self.config.decomposed:
+            counts["restored"] = self._restore_decomposed(graph)
+        if self.config.sidecar:
+            counts["sidecar"] = self._apply_sidecar(model, _load_sidecar(self.config.sidecar))
+        counts["weights"] = self._fold_weight_quantize(graph)
+        counts["pairs"] = self._drop_equal_pairs(graph)
+        changed = sum(counts.values())
+        if changed:
+            graph.sort()
+            forget_names(graph)
+            self.context.notes.append(
+                "fold_qat: "
+                + ", ".join(
+                    f"{n} {what}"
+                    for what, n in [
+                        ("fake-quant chains restored to Q/DQ", counts["restored"]),
+                        ("tensors from the sidecar", counts["sidecar"]),
+                        ("weights stored as integers", counts["weights"]),
+                        ("redundant DQ→Q pairs removed", counts["pairs"]),
+                    ]
+                    if n
+                )
+            )
+        return ir.passes.PassResult(model, modified=changed > 0)
+
+    # --- weights: Q(float constant) → integer constant -------------------------------------------------
+
+    def _fold_weight_quantize(self, graph: ir.Graph) -> int:
+        folded = 0
+        for node in list(graph):
+            if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
+                continue
+            weight = constant_array(node.inputs[0])
+            scale = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            zero_value = node.inputs[2] if len(node.inputs) > 2 else None
+            zero = constant_array(zero_value) if zero_value is not None else None
+            if weight is None or scale is None or (zero_value is not None and zero is None):
+                continue
+            if node.attributes.get_int("block_size", 0) or node.outputs[0].is_graph_output():
+                continue
+            dtype = _dtype_of(zero_value, node)
+            if dtype is None:
+                continue
+            axis = node.attributes.get_int("axis", 1) if np.ndim(scale) == 1 and scale.size > 1 else None
+            zero_array = np.zeros_like(scale, dtype=np.int64) if zero is None else zero
+            q = qmath.quantize(weight, scale, zero_array, dtype, None if axis is None else axis % weight.ndim)
+            source = node.inputs[0]
+            value = add_initializer(graph, f"{source.name}_qat", _as_storage(q, dtype))
+            ir.convenience.replace_all_uses_with(node.outputs[0], value)
+            graph.remove(node, safe=True)
+            _drop_if_unused(graph, source)
+            folded += 1
+        return folded
+
+    # --- DQ → Q with the same parameters: the pair is the identity on the integers ---------------------
+
+    def _drop_equal_pairs(self, graph: ir.Graph) -> int:
+        dropped = 0
+        for q in list(graph):
+            if q.op_type != "QuantizeLinear" or q.inputs[0] is None:
+                continue
+            dq = q.inputs[0].producer()
+            if dq is None or dq.op_type != "DequantizeLinear" or not _same_params(dq, q):
+                continue
+            if q.outputs[0].is_graph_output():
+                continue
+            ir.convenience.replace_all_uses_with(q.outputs[0], dq.inputs[0])
+            graph.remove(q, safe=True)
+            if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
+                graph.remove(dq, safe=True)
+            dropped += 1
+        return dropped
+
+    # --- Div → Round → [Add z] → Clip → [Sub z] → Mul: fake quantization traced as arithmetic ----------
+
+    def _restore_decomposed(self, graph: ir.Graph) -> int:
+        restored = 0
+        for mul in list(graph):
+            match = _match_fake_quant(mul)
+            if match is None:
+                continue
+            x, scale, zero, dtype, chain = match
+            axis = _channel_axis(scale)
+            flat_scale = (
+                scale.reshape(-1).astype(np.float32) if axis is not None else scale.reshape(()).astype(np.float32)
+            )
+            flat_zero = np.rint(zero.reshape(-1) if axis is not None else zero.reshape(())).astype(np.int64)
+            flat_zero = np.broadcast_to(flat_zero, flat_scale.shape) if axis is not None else flat_zero
+            _insert_pair(graph, x, flat_scale, flat_zero, dtype, axis, readers=None, replace=mul.outputs[0])
+            for node in chain:
+                if all(not v.uses() for v in node.outputs):
+                    graph.remove(node, safe=True)
+            restored += 1
+        return restored
+
+    # --- sidecar ----------------------------------------------------------------------------------------
+
+    def _apply_sidecar(self, model: ir.Model, tensors: dict[str, dict]) -> int:
+        graph = model.graph
+        values = {v.name: v for v in graph.initializers.values()}
+        for node in graph:
+            for out in node.outputs:
+                values[out.name] = out
+        for value in graph.inputs:
+            values[value.name] = value
+        missing = [name for name in tensors if name not in values]
+        if missing:
+            raise UsageError(
+                f"the sidecar names tensor '{missing[0]}', which the model does not have"
+                + (f" ({len(missing)} such names)" if len(missing) > 1 else ""),
+                "export the sidecar from the same model (names must match the ONNX graph)",
+            )
+        applied = 0
+        opset = default_opset(model)
+        for name, entry in tensors.items():
+            value = values[name]
+            bits, signed = int(entry.get("bits", 8)), bool(entry.get("signed", False))
+            dtype = STORAGE.get((bits, signed))
+            if dtype is None:
+                raise UsageError(f"sidecar '{name}': {bits}-bit values are not supported", "use 4, 8 or 16 bits")
+            if dtype in ("int4", "uint4", "int16", "uint16") and opset < 21:
+                raise UsageError(
+                    f"sidecar '{name}' is {bits}-bit, which Q/DQ expresses from opset 21 (the model has {opset})",
+                    "put `upgrade_opset: {target: 21}` before fold_qat",
+                )
+            scale = np.asarray(entry["scale"], dtype=np.float32)
+            zero = np.rint(np.asarray(entry.get("zero_point", 0), dtype=np.float64)).astype(np.int64)
+            axis = entry.get("axis")
+            if scale.size == 1:
+                scale, axis = scale.reshape(()), None
+                zero = zero.reshape(())
+            else:
+                zero = np.broadcast_to(zero.reshape(-1), scale.shape)
+            weight = constant_array(value) if value.const_value is not None else None
+            if weight is not None:
+                q = qmath.quantize(weight, scale, zero, dtype, None if axis is None else int(axis) % weight.ndim)
+                stored = add_initializer(graph, f"{name}_qat", _as_storage(q, dtype))
+                readers = [use.node for use in value.uses()]
+                _insert_pair_on_constant(graph, value, stored, scale, zero, dtype, axis, readers)
+                _drop_if_unused(graph, value)
+            else:
+                _insert_pair(graph, value, scale, zero, dtype, axis, readers=[use.node for use in value.uses()])
+            applied += 1
+        return applied
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    """The float copy of a weight, once nothing reads it (a float weight left behind is a size bug)."""
+    if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    if value.name in graph.initializers and graph.initializers[value.name] is value:
+        graph.initializers.pop(value.name)
+
+
+def _load_sidecar(path: str) -> dict[str, dict]:
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no sidecar file {path}", "pass the JSON written next to the model by training") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not JSON ({exc.msg} at line {exc.lineno})", "pass the sidecar JSON") from None
+    tensors = data.get("tensors") if isinstance(data, dict) else None
+    if not isinstance(tensors, dict):
+        raise UsageError(f"{path} has no 'tensors' map", 'write {"tensors": {name: {"scale": …, "bits": 8}}}')
+    return tensors
+
+
+def _as_storage(q: np.ndarray, dtype: str) -> np.ndarray:
+    import ml_dtypes
+
+    if dtype == "int4":
+        return q.astype(ml_dtypes.int4)
+    if dtype == "uint4":
+        return q.astype(ml_dtypes.uint4)
+    return q.astype(qmath.NUMPY_STORAGE[dtype])
+
+
+def _dtype_of(zero: ir.Value | None, node: ir.Node) -> str | None:
+    if zero is None:
+        return "uint8"
+    names = {
+        ir.DataType.UINT8: "uint8",
+        ir.DataType.INT8: "int8",
+        ir.DataType.INT4: "int4",
+        ir.DataType.UINT4: "uint4",
+        ir.DataType.INT16: "int16",
+        ir.DataType.UINT16: "uint16",
+    }
+    return names.get(zero.dtype)  # type: ignore[arg-type]
+
+
+def _same_params(dq: ir.Node, q: ir.Node) -> bool:
+    def params(node: ir.Node) -> list[np.ndarray | None]:
+        return [constant_array(v) for v in node.inputs[1:3]] + [None] * (3 - len(node.inputs))
+
+    a, b = params(dq), params(q)
+    if any(x is None for x in a[:1] + b[:1]):
+        return False
+    if dq.attributes.get_int("axis", 1) != q.attributes.get_int("axis", 1) and np.size(a[0]) > 1:
+        return False
+    same_scale = np.array_equal(a[0], b[0])
+    zero_a = a[1] if a[1] is not None else np.zeros((), np.uint8)
+    zero_b = b[1] if b[1] is not None else np.zeros((), np.uint8)
+    return same_scale and np.array_equal(zero_a, zero_b) and zero_a.dtype == zero_b.dtype
+
+
+def _channel_axis(scale: np.ndarray) -> int | None:
+    """A broadcast scale [1, C, 1, 1] or [C, 1, 1, 1] is per-channel along its non-1 axis."""
+    if scale.size <= 1:
+        return None
+    axes = [i for i, d in enumerate(scale.shape) if d > 1]
+    return axes[0] if len(axes) == 1 else None
+
+
+def _scalar_or_broadcast(value: ir.Value | None) -> np.ndarray | None:
+    array = constant_array(value)
+    return None if array is None else np.asarray(array, dtype=np.float64)
+
+
+def _match_fake_quant(mul: ir.Node) -> tuple[ir.Value, np.ndarray, np.ndarray, str, list[ir.Node]] | None:
+    """Mul(Sub?(Clip(Add?(Round(Div(x, s)), z), lo, hi), z), s) → (x, s, z, dtype, nodes of the chain)."""
+    if mul.op_type != "Mul" or len(mul.inputs) != 2:
+        return None
+    for index in (0, 1):
+        scale = _scalar_or_broadcast(mul.inputs[1 - index])
+        inner = mul.inputs[index].producer() if mul.inputs[index] is not None else None
+        if scale is None or inner is None:
+            continue
+        chain = [mul]
+        zero_after = np.zeros(())
+        if inner.op_type == "Sub":
+            zero_after = _scalar_or_broadcast(inner.inputs[1])
+            chain.append(inner)
+            inner = inner.inputs[0].producer() if zero_after is not None else None
+        if inner is None or inner.op_type != "Clip" or len(inner.inputs) < 3:
+            continue
+        low, high = _scalar_or_broadcast(inner.inputs[1]), _scalar_or_broadcast(inner.inputs[2])
+        chain.append(inner)
+        inner = inner.inputs[0].producer()
+        zero_before = np.zeros(())
+        if inner is not None and inner.op_type == "Add":
+            zero_before = _scalar_or_broadcast(inner.inputs[1])
+            chain.append(inner)
+            inner = inner.inputs[0].producer() if zero_before is not None else None
+        if inner is None or inner.op_type != "Round":
+            continue
+        chain.append(inner)
+        div = inner.inputs[0].producer()
+        if div is None or div.op_type != "Div" or low is None or high is None or zero_before is None:
+            continue
+        if not np.allclose(
+            _scalar_or_broadcast(div.inputs[1]) if constant_array(div.inputs[1]) is not None else np.nan, scale
+        ):
+            continue
+        if zero_after is None or not np.array_equal(np.broadcast_to(zero_before, np.shape(zero_after)), zero_after):
+            continue
+        chain.append(div)
+        # the integer range, with the zero point removed again by the Sub
+        dtype = RANGE_TYPES.get((int(np.min(low)), int(np.max(high))))
+        if dtype is None:
+            continue
+        return div.inputs[0], scale, np.broadcast_to(zero_before, scale.shape), dtype, chain  # type: ignore[return-value]
+    return None
+
+
+def _insert_pair(
+    graph: ir.Graph,
+    value: ir.Value,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    dtype: str,
+    axis: int | None,
+    readers: list[ir.Node] | None,
+    replace: ir.Value | None = None,
+) -> None:
+    """value → Q → DQ; `readers` (or every reader of `replace`) read the DQ output."""
+    scale_value = add_initializer(graph, f"{value.name}_qat_scale", scale.astype(np.float32))
+    zero_value = add_initializer(graph, f"{value.name}_qat_zero_point", _as_storage(zero, dtype))
+    attributes = {"axis": int(axis)} if axis is not None else {}
+    q = ir.node(
+        "QuantizeLinear",
+        [value, scale_value, zero_value],
+        attributes=attributes,
+        name=unique_name(graph, f"{value.name}_QuantizeLinear"),
+    )
+    dq = ir.node(
+        "DequantizeLinear",
+        [q.outputs[0], scale_value, zero_value],
+        attributes=attributes,
+        name=unique_name(graph, f"{value.name}_DequantizeLinear"),
+    )
+    q.outputs[0].name = unique_name(graph, f"{value.name}_quantized")
+    dq.outputs[0].name = unique_name(graph, f"{value.name}_dequantized")
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = value.shape
+    graph.extend([q, dq])
+    if replace is not None:
+        ir.convenience.replace_all_uses_with(replace, dq.outputs[0], replace_graph_outputs=True)
+        if replace.is_graph_output():
+            name = replace.name
+            replace.name = unique_name(graph, f"{name}_fake_quantized")
+            dq.outputs[0].name = name
+        return
+    for node in readers or []:
+        for index, node_input in enumerate(node.inputs):
+            if node_input is value and node is not q:
+                node.replace_input_with(index, dq.outputs[0])
+
+
+def _insert_pair_on_constant(
+    graph: ir.Graph,
+    value: ir.Value,
+    stored: ir.Value,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    dtype: str,
+    axis: int | None,
+    readers: list[ir.Node],
+) -> None:
+    scale_value = add_initializer(graph, f"{value.name}_qat_scale", scale.astype(np.float32))
+    zero_value = add_initializer(graph, f"{value.name}_qat_zero_point", _as_storage(zero, dtype))
+    attributes = {"axis": int(axis)} if axis is not None else {}
+    dq = ir.node(
+        "DequantizeLinear",
+        [stored, scale_value, zero_value],
+        attributes=attributes,
+        name=unique_name(graph, f"{value.name}_DequantizeLinear"),
+    )
+    dq.outputs[0].name = unique_name(graph, f"{value.name}_dequantized")
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = value.shape
+    graph.extend([dq])
+    for node in readers:
+        for index, node_input in enumerate(node.inputs):
+            if node_input is value:
+                node.replace_input_with(index, dq.outputs[0])
