@@ -144,10 +144,10 @@ def conform(array: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
             )
     want_kind, got_kind = spec.dtype.kind, array.dtype.kind
     if want_kind == "f":
-        if got_kind not in "fiu":
+        if got_kind != "f":  # integers into a float input: usually raw pixels that skipped preprocessing
             raise UsageError(
                 f"input '{spec.name}' in '{path.name}' is {array.dtype}, the model expects {spec.dtype}",
-                f"save it as {spec.dtype}",
+                f"convert it to {spec.dtype}, scaled the way the model was trained (e.g. pixels / 255)",
             )
         if got_kind == "f":
             bad = int(np.count_nonzero(~np.isfinite(array)))

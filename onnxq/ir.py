@@ -28,13 +28,37 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise UsageError(f"model file '{path}' does not exist", "check the path")
     if not path.is_file():
         raise UsageError(f"'{path}' is not a file", "pass the path of a .onnx file")
+    _check_structure(path)
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as exc:  # protobuf raises a zoo of types for garbage input
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(
             f"'{path}' is not a readable ONNX model ({reason[:120]})",
             "pass an .onnx file exported by torch.onnx, tf2onnx or similar; a truncated download also ends here",
+        ) from None
+    return model
+
+
+def _check_structure(path: Path) -> None:
+    """onnx.checker on the file (it streams models over 2 GB): a graph that reads a value nothing
+    produces, or nodes out of order, must be a clear error here, not a crash three passes later."""
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        if "Unable to parse" in str(exc) or "parse" in str(exc).split(":")[0].lower():
+            return  # not protobuf at all: the loader says so in the user's terms
+        reason = " ".join(str(exc).split())
+        if "does not have an ir_version" in reason:  # random bytes can parse as an empty ModelProto
+            raise UsageError(
+                f"'{path}' is not a readable ONNX model (no IR version, no graph)",
+                "pass an .onnx file exported by torch.onnx, tf2onnx or similar; a truncated download also ends here",
+            ) from None
+        if "is not a registered" in reason or "No Op registered" in reason or "IR version" in reason:
+            return  # unknown ops and new IR stamps are handled later (kept in float, IR fixed)
+        raise UsageError(
+            f"'{path.name}' fails onnx.checker: {reason[:200]}",
+            "re-export the model, or repair it (e.g. with onnx-graphsurgeon) so every input is produced",
         ) from None
 
 
