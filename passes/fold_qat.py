@@ -25,6 +25,7 @@ from pydantic import Field
 from onnxq import qmath
 from onnxq.errors import UsageError
 from onnxq.pass_base import Pass, PassConfig
+from onnxq.qspec import SHARED_SCALE_OPS
 
 from ._graph import add_initializer, constant_array, default_opset, forget_names, unique_name
 
@@ -52,13 +53,15 @@ class FoldQAT(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        counts = {"restored": 0, "sidecar": 0, "weights": 0, "pairs": 0}
+        counts = {"restored": 0, "sidecar": 0, "weights": 0, "pairs": 0, "propagated": 0}
         if self.config.decomposed:
             counts["restored"] = self._restore_decomposed(graph)
         if self.config.sidecar:
             counts["sidecar"] = self._apply_sidecar(model, _load_sidecar(self.config.sidecar))
         counts["weights"] = self._fold_weight_quantize(graph)
-        counts["pairs"] = self._drop_equal_pairs(graph)
+        counts["pairs"] += self._drop_noop_clips(graph)
+        counts["pairs"] += self._drop_equal_pairs(graph)
+        counts["propagated"] = self._propagate_scales_upstream(graph)
         changed = sum(counts.values())
         if changed:
             graph.sort()
@@ -72,6 +75,7 @@ class FoldQAT(Pass):
                         ("tensors from the sidecar", counts["sidecar"]),
                         ("weights stored as integers", counts["weights"]),
                         ("redundant DQ→Q pairs removed", counts["pairs"]),
+                        ("scales carried back through data movement", counts["propagated"]),
                     ]
                     if n
                 )
@@ -86,9 +90,9 @@ class FoldQAT(Pass):
             if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
                 continue
             weight = constant_array(node.inputs[0])
-            scale = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            scale = _const(node.inputs[1]) if len(node.inputs) > 1 else None
             zero_value = node.inputs[2] if len(node.inputs) > 2 else None
-            zero = constant_array(zero_value) if zero_value is not None else None
+            zero = _const(zero_value) if zero_value is not None else None
             if weight is None or scale is None or (zero_value is not None and zero is None):
                 continue
             if node.attributes.get_int("block_size", 0) or node.outputs[0].is_graph_output():
@@ -100,12 +104,65 @@ class FoldQAT(Pass):
             zero_array = np.zeros_like(scale, dtype=np.int64) if zero is None else zero
             q = qmath.quantize(weight, scale, zero_array, dtype, None if axis is None else axis % weight.ndim)
             source = node.inputs[0]
+            clip = _clip_after(node)
+            result = node.outputs[0]
+            if clip is not None:  # Q → Clip(lo, hi): the narrow range training used (-127..127, -7..7)
+                q = np.clip(q, clip[1], clip[2]).astype(q.dtype)
+                result = clip[0].outputs[0]
             value = add_initializer(graph, f"{source.name}_qat", _as_storage(q, dtype))
-            ir.convenience.replace_all_uses_with(node.outputs[0], value)
+            ir.convenience.replace_all_uses_with(result, value)
+            if clip is not None:
+                graph.remove(clip[0], safe=True)
             graph.remove(node, safe=True)
             _drop_if_unused(graph, source)
             folded += 1
         return folded
+
+    def _drop_noop_clips(self, graph: ir.Graph) -> int:
+        """Q → Clip(full range of the type) → DQ: the Clip changes nothing and hides the pair from
+        onnxruntime's QDQ fusions."""
+        dropped = 0
+        for node in list(graph):
+            if node.op_type != "QuantizeLinear" or len(node.inputs) < 3 or node.inputs[2] is None:
+                continue
+            clip = _clip_after(node)
+            dtype = _dtype_of(node.inputs[2], node)
+            if clip is None or dtype is None or (clip[1], clip[2]) != tuple(map(float, qmath.RANGES[dtype])):
+                continue
+            ir.convenience.replace_all_uses_with(clip[0].outputs[0], node.outputs[0])
+            graph.remove(clip[0], safe=True)
+            dropped += 1
+        return dropped
+
+    def _propagate_scales_upstream(self, graph: ir.Graph) -> int:
+        """Training often rounds only after a Concat/MaxPool/Reshape, so the Conv+Relu feeding it has no
+        output Q and onnxruntime runs it in float (DQ → FusedConv). Rounding each input of such an op with
+        the scale of the Q after it gives exactly the same values, and makes the producer an integer kernel."""
+        added = 0
+        for node in list(graph):
+            if node.op_type not in SHARED_SCALE_OPS or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+                continue
+            uses = list(node.outputs[0].uses())
+            if len(uses) != 1 or uses[0].node.op_type != "QuantizeLinear":
+                continue
+            q = uses[0].node
+            scale = _const(q.inputs[1])
+            zero = _const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else np.zeros((), np.uint8)
+            if scale is None or zero is None or np.size(scale) != 1:
+                continue
+            data = list(node.inputs) if node.op_type == "Concat" else node.inputs[:1]
+            for value in data:
+                producer = value.producer() if value is not None else None
+                if value is None or producer is None or producer.op_type in ("DequantizeLinear", "QuantizeLinear"):
+                    continue
+                if len(value.uses()) != 1:
+                    continue
+                dtype = {"uint8": "uint8", "int8": "int8"}.get(str(zero.dtype))
+                if dtype is None:
+                    continue
+                _insert_pair(graph, value, scale.reshape(()), zero.reshape(()).astype(np.int64), dtype, None, [node])
+                added += 1
+        return added
 
     # --- DQ → Q with the same parameters: the pair is the identity on the integers ---------------------
 
@@ -129,12 +186,17 @@ class FoldQAT(Pass):
     # --- Div → Round → [Add z] → Clip → [Sub z] → Mul: fake quantization traced as arithmetic ----------
 
     def _restore_decomposed(self, graph: ir.Graph) -> int:
+        _undo_straight_through(graph)
         restored = 0
         for mul in list(graph):
             match = _match_fake_quant(mul)
             if match is None:
                 continue
             x, scale, zero, dtype, chain = match
+            if constant_array(x) is not None:  # a weight: store the codes training converged to, exactly
+                self._store_weight_codes(graph, x, scale, zero, chain, mul)
+                restored += 1
+                continue
             axis = _channel_axis(scale)
             flat_scale = (
                 scale.reshape(-1).astype(np.float32) if axis is not None else scale.reshape(()).astype(np.float32)
@@ -147,6 +209,33 @@ class FoldQAT(Pass):
                     graph.remove(node, safe=True)
             restored += 1
         return restored
+
+    def _store_weight_codes(
+        self, graph: ir.Graph, x: ir.Value, scale: np.ndarray, zero: np.ndarray, chain: list[ir.Node], mul: ir.Node
+    ) -> None:
+        weight = constant_array(x)
+        clip = next(n for n in chain if n.op_type == "Clip")
+        low, high = float(_const(clip.inputs[1])), float(_const(clip.inputs[2]))  # type: ignore[arg-type]
+        codes = np.clip(np.rint(weight / scale) + zero, low, high)
+        dtype = "int8" if low < 0 else "uint8"
+        axis = _channel_axis(scale)
+        flat_scale = scale.reshape(-1) if axis is not None else scale.reshape(())
+        flat_zero = np.rint(zero.reshape(-1) if axis is not None else zero.reshape(())).astype(np.int64)
+        stored = add_initializer(graph, f"{x.name}_qat", _as_storage(codes.astype(np.int64), dtype))
+        scale_value = add_initializer(graph, f"{x.name}_qat_scale", flat_scale.astype(np.float32))
+        zero_value = add_initializer(
+            graph, f"{x.name}_qat_zero_point", _as_storage(np.broadcast_to(flat_zero, flat_scale.shape), dtype)
+        )
+        attributes = {"axis": int(axis)} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", [stored, scale_value, zero_value], attributes=attributes)
+        dq.outputs[0].name = unique_name(graph, f"{x.name}_dequantized")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        graph.append(dq)
+        ir.convenience.replace_all_uses_with(mul.outputs[0], dq.outputs[0])
+        for node in chain:
+            if all(not v.uses() for v in node.outputs):
+                graph.remove(node, safe=True)
+        _drop_if_unused(graph, x)
 
     # --- sidecar ----------------------------------------------------------------------------------------
 
@@ -173,6 +262,11 @@ class FoldQAT(Pass):
             dtype = STORAGE.get((bits, signed))
             if dtype is None:
                 raise UsageError(f"sidecar '{name}': {bits}-bit values are not supported", "use 4, 8 or 16 bits")
+            weight = constant_array(value) if value.const_value is not None else None
+            if weight is not None and dtype in ("int4", "uint4"):
+                # 4-bit codes kept in 8-bit storage: onnxruntime has no 4-bit Conv/Gemm kernel, and an
+                # INT4 DequantizeLinear in front of one runs the op in float
+                dtype = "int8" if signed else "uint8"
             if dtype in ("int4", "uint4", "int16", "uint16") and opset < 21:
                 raise UsageError(
                     f"sidecar '{name}' is {bits}-bit, which Q/DQ expresses from opset 21 (the model has {opset})",
@@ -186,9 +280,11 @@ class FoldQAT(Pass):
                 zero = zero.reshape(())
             else:
                 zero = np.broadcast_to(zero.reshape(-1), scale.shape)
-            weight = constant_array(value) if value.const_value is not None else None
             if weight is not None:
                 q = qmath.quantize(weight, scale, zero, dtype, None if axis is None else int(axis) % weight.ndim)
+                low, high = qmath.RANGES[STORAGE[(bits, signed)]]  # 4-bit codes in 8-bit storage stay 4-bit
+                low, high = entry.get("qmin", low), entry.get("qmax", high)  # and a narrow range (-127..127)
+                q = np.clip(q, low, high).astype(q.dtype)
                 stored = add_initializer(graph, f"{name}_qat", _as_storage(q, dtype))
                 readers = [use.node for use in value.uses()]
                 _insert_pair_on_constant(graph, value, stored, scale, zero, dtype, axis, readers)
@@ -197,6 +293,33 @@ class FoldQAT(Pass):
                 _insert_pair(graph, value, scale, zero, dtype, axis, readers=[use.node for use in value.uses()])
             applied += 1
         return applied
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    """A constant, also when the exporter routed it through Identity nodes (TorchScript shares zero
+    points that way)."""
+    seen = 0
+    while value is not None and seen < 8:
+        array = constant_array(value)
+        if array is not None:
+            return array
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity":
+            return None
+        value, seen = producer.inputs[0], seen + 1
+    return None
+
+
+def _clip_after(node: ir.Node) -> tuple[ir.Node, float, float] | None:
+    """The Clip(lo, hi) that is the only reader of a QuantizeLinear (narrow int8 / int4 stored as int8)."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Clip" or len(uses[0].node.inputs) < 3:
+        return None
+    clip = uses[0].node
+    low, high = _const(clip.inputs[1]), _const(clip.inputs[2])
+    if low is None or high is None:
+        return None
+    return clip, float(low), float(high)
 
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
@@ -242,7 +365,18 @@ def _dtype_of(zero: ir.Value | None, node: ir.Node) -> str | None:
         ir.DataType.INT16: "int16",
         ir.DataType.UINT16: "uint16",
     }
-    return names.get(zero.dtype)  # type: ignore[arg-type]
+    if zero.dtype in names:
+        return names[zero.dtype]
+    array = _const(zero)  # an Identity output carries no type: ask the constant behind it
+    by_numpy = {
+        "int8": "int8",
+        "uint8": "uint8",
+        "int16": "int16",
+        "uint16": "uint16",
+        "int4": "int4",
+        "uint4": "uint4",
+    }
+    return None if array is None else by_numpy.get(str(array.dtype))
 
 
 def _same_params(dq: ir.Node, q: ir.Node) -> bool:
@@ -271,6 +405,25 @@ def _channel_axis(scale: np.ndarray) -> int | None:
 def _scalar_or_broadcast(value: ir.Value | None) -> np.ndarray | None:
     array = constant_array(value)
     return None if array is None else np.asarray(array, dtype=np.float64)
+
+
+def _undo_straight_through(graph: ir.Graph) -> None:
+    """x + (Round(x) − x), the straight-through estimator written out, is Round(x) at inference."""
+    for add in list(graph):
+        if add.op_type != "Add" or len(add.inputs) != 2:
+            continue
+        for a, b in ((0, 1), (1, 0)):
+            sub = add.inputs[b].producer() if add.inputs[b] is not None else None
+            if sub is None or sub.op_type != "Sub" or sub.inputs[1] is not add.inputs[a]:
+                continue
+            rounded = sub.inputs[0].producer() if sub.inputs[0] is not None else None
+            if rounded is None or rounded.op_type != "Round" or rounded.inputs[0] is not add.inputs[a]:
+                continue
+            ir.convenience.replace_all_uses_with(add.outputs[0], rounded.outputs[0])
+            graph.remove(add, safe=True)
+            if not sub.outputs[0].uses():
+                graph.remove(sub, safe=True)
+            break
 
 
 def _match_fake_quant(mul: ir.Node) -> tuple[ir.Value, np.ndarray, np.ndarray, str, list[ir.Node]] | None:

@@ -83,6 +83,8 @@ class _Plan:
     parent: dict[str, str] = field(default_factory=dict)
     produced_quantized: set[str] = field(default_factory=set)
     readers: dict[str, set[int]] = field(default_factory=dict)  # value -> ids of quantized consumers
+    weight_only: list[tuple[ir.Node, NodeQuant]] = field(default_factory=list)  # input already Q/DQ'd
+    bias_only: list[ir.Node] = field(default_factory=list)  # input and weight already Q/DQ'd
 
     def add(self, value: ir.Value, spec: QuantSpec) -> None:
         if _feeds_quantize(value):
@@ -111,6 +113,52 @@ def _reads_dequantized(node: ir.Node) -> bool:
     return any(
         v is not None and (p := v.producer()) is not None and p.op_type == "DequantizeLinear" for v in node.inputs
     )
+
+
+def _float_weight_behind_rounded_input(node: ir.Node) -> bool:
+    inputs = list(node.inputs)
+    if len(inputs) < 2 or inputs[0] is None or inputs[1] is None:
+        return False
+    source = inputs[0].producer()
+    return source is not None and source.op_type == "DequantizeLinear" and constant_array(inputs[1]) is not None
+
+
+def _quantize_bias_behind_qdq(graph: ir.Graph, node: ir.Node) -> int:
+    """A Conv/Gemm whose input and weight are both read through DequantizeLinear, with a float bias: the
+    bias becomes int32 at s_x·s_w so that onnxruntime can run the op as one integer kernel."""
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return 0
+    bias = constant_array(node.inputs[2])
+    producers = [v.producer() if v is not None else None for v in node.inputs[:2]]
+    if bias is None or bias.ndim != 1 or any(p is None or p.op_type != "DequantizeLinear" for p in producers):
+        return 0
+    if node.op_type == "Gemm" and (
+        node.attributes.get_float("beta", 1.0) != 1.0 or node.attributes.get_int("transA", 0)
+    ):
+        return 0
+    x_scale = constant_array(producers[0].inputs[1])  # type: ignore[union-attr]
+    w_scale = constant_array(producers[1].inputs[1])  # type: ignore[union-attr]
+    if x_scale is None or w_scale is None or np.size(x_scale) != 1 or np.size(w_scale) not in (1, bias.size):
+        return 0
+    q, scale = qmath.quantize_bias(
+        bias, float(np.asarray(x_scale).reshape(-1)[0]), np.asarray(w_scale, np.float32).reshape(-1)
+    )
+    per_channel = np.size(scale) > 1
+    dq = _dequantized_constant(
+        graph, node.inputs[2].name, q, scale, np.zeros(scale.shape, np.int32), 0 if per_channel else None
+    )
+    node.replace_input_with(2, dq.outputs[0])
+    return 1
+
+
+def _existing_qparams(node: ir.Node) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """The input's scale as the Q/DQ already in the graph says it (for the int32 bias at s_x·s_w)."""
+    dq = node.inputs[0].producer()  # type: ignore[union-attr]
+    q = dq.inputs[0].producer() if dq is not None and dq.inputs[0] is not None else None
+    scale = constant_array(dq.inputs[1]) if dq is not None and len(dq.inputs) > 1 else None
+    if q is None or q.op_type != "QuantizeLinear" or scale is None or np.size(scale) != 1:
+        return {}
+    return {q.inputs[0].name: (scale, np.zeros(()), "uint8")}  # type: ignore[union-attr,dict-item]
 
 
 def _feeds_quantize(value: ir.Value) -> bool:
@@ -156,7 +204,20 @@ class InsertQDQ(Pass):
         graph = model.graph
         opset = default_opset(model)
         plan, compute_nodes = self._plan(graph)
+        weight_cache: dict[tuple[str, QuantSpec, int | None], ir.Value] = {}
+        for node, spec in plan.weight_only:
+            self._quantize_weight_and_bias(graph, node, spec, _existing_qparams(node), weight_cache)
+        biases = sum(_quantize_bias_behind_qdq(graph, node) for node in plan.bias_only)
+        if biases:
+            self.context.notes.append(f"insert_qdq: {biases} float biases of QDQ ops stored as int32 at s_x·s_w")
+        if plan.weight_only:
+            self.context.notes.append(
+                f"insert_qdq: {len(plan.weight_only)} float weights behind inputs quantized before (QAT) quantized"
+            )
         if not plan.spec:
+            if plan.weight_only or biases:
+                graph.sort()
+                return ir.passes.PassResult(model, modified=True)
             self.context.notes.append(
                 "insert_qdq: nothing left to quantize (annotated ops are float16, or already in QDQ form)"
             )
@@ -166,7 +227,6 @@ class InsertQDQ(Pass):
         ranges = self._ranges(model, plan, values)
         qparams = self._group_qparams(plan, ranges)
         self._insert_activation_qdq(graph, plan, qparams, values)
-        weight_cache: dict[tuple[str, QuantSpec, int | None], ir.Value] = {}
         for node, spec in compute_nodes:
             self._quantize_weight_and_bias(graph, node, spec, qparams, weight_cache)
         graph.sort()
@@ -186,7 +246,15 @@ class InsertQDQ(Pass):
             spec = get_qspec(node)
             if spec is None or spec.skip or spec.activations.is_float or spec.activations.dynamic:
                 continue  # float, or lowered at run time by quantize_dynamic
-            if node.domain not in ("", "ai.onnx") or _reads_dequantized(node):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if _reads_dequantized(node):
+                if node.op_type in COMPUTE_OPS and _float_weight_behind_rounded_input(node):
+                    plan.weight_only.append((node, spec))  # training rounded the input, not the weight
+                elif node.op_type in ("Conv", "Gemm") and self.config.quantize_bias:
+                    plan.bias_only.append(node)  # QAT exports keep a float bias: integer kernels need int32
+                if node.op_type in COMPUTE_OPS and not spec.activations.is_float:
+                    self._plan_uncovered_output(node, spec.activations, plan)
                 continue
             act = spec.activations
             if node.op_type in COMPUTE_OPS:
@@ -224,6 +292,17 @@ class InsertQDQ(Pass):
         plan.add(out, act)
         plan.produced_quantized.add(out.name)
         return True
+
+    def _plan_uncovered_output(self, node: ir.Node, act: QuantSpec, plan: _Plan) -> None:
+        """An op whose inputs training rounded but whose output it did not (Conv → Relu → ReduceMean):
+        without an output Q onnxruntime runs it in float, so its output is calibrated and rounded too."""
+        out = self._group_output(node)
+        if node.op_type in self.config.float_output_ops or _feeds_quantize(out) or out.is_graph_output():
+            return
+        if any(use.node.op_type in SHARED_SCALE_OPS for use in out.uses()):
+            return  # fold_qat carries the next Q's scale back through data movement instead
+        plan.add(out, act)
+        plan.produced_quantized.add(out.name)
 
     def _group_output(self, node: ir.Node) -> ir.Value:
         """The value whose Q ends the group: the op's output, or that of a Relu/Clip fused after it."""
@@ -421,7 +500,10 @@ class InsertQDQ(Pass):
         source = x.producer()
         x_name = x.name
         if source is not None and source.op_type == "DequantizeLinear":
-            x_name = source.inputs[0].producer().inputs[0].name  # type: ignore[union-attr]
+            quantize = source.inputs[0].producer() if source.inputs[0] is not None else None
+            if quantize is None or quantize.op_type != "QuantizeLinear":
+                return None
+            x_name = quantize.inputs[0].name
         if x_name not in qparams:
             return None
         return bias, float(qparams[x_name][0])
