@@ -94,9 +94,9 @@ def random_model(draw) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     return model, (c, hw0)
 
 
-# ONNXQ_FUZZ_EXAMPLES=500 for a longer local run; CI runs 100 fixed (derandomized) examples.
+# ONNXQ_FUZZ_EXAMPLES=1000 for a longer local run; CI runs 200 fixed (derandomized) examples.
 @settings(
-    max_examples=int(os.environ.get("ONNXQ_FUZZ_EXAMPLES", "100")),
+    max_examples=int(os.environ.get("ONNXQ_FUZZ_EXAMPLES", "200")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
