@@ -41,6 +41,11 @@ RANGE_TYPES = {(0, 255): "uint8", (-128, 127): "int8", (-127, 127): "int8", (0, 
 RANGE_TYPES |= {(-7, 7): "int4"}
 
 
+# Ops whose outputs are some of their input values (monotone selection): rounding before or after them
+# gives the same result, so a scale can move across them exactly.
+SELECTION_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Slice"})
+
+
 class FoldQATConfig(PassConfig):
     sidecar: str | None = Field(None, description="learned scales (JSON): tensor name → scale, zero_point, bits, axis")
     decomposed: bool = Field(True, description="restore fake quantization written as Div/Round/Clip/Mul to Q/DQ")
@@ -153,10 +158,14 @@ class FoldQAT(Pass):
             data = list(node.inputs) if node.op_type == "Concat" else node.inputs[:1]
             for value in data:
                 producer = value.producer() if value is not None else None
-                if value is None or producer is None or producer.op_type in ("DequantizeLinear", "QuantizeLinear"):
+                if value is None or producer is None or producer.op_type == "QuantizeLinear":
                     continue
                 if len(value.uses()) != 1:
                     continue
+                if producer.op_type == "DequantizeLinear" and (
+                    node.op_type not in SELECTION_OPS or _same_params(producer, q)
+                ):
+                    continue  # rounded already; a requantize is exact only in front of ops that select values
                 dtype = {"uint8": "uint8", "int8": "int8"}.get(str(zero.dtype))
                 if dtype is None:
                     continue
@@ -381,17 +390,17 @@ def _dtype_of(zero: ir.Value | None, node: ir.Node) -> str | None:
 
 def _same_params(dq: ir.Node, q: ir.Node) -> bool:
     def params(node: ir.Node) -> list[np.ndarray | None]:
-        return [constant_array(v) for v in node.inputs[1:3]] + [None] * (3 - len(node.inputs))
+        return [_const(v) for v in node.inputs[1:3]] + [None] * (3 - len(node.inputs))
 
     a, b = params(dq), params(q)
     if any(x is None for x in a[:1] + b[:1]):
         return False
     if dq.attributes.get_int("axis", 1) != q.attributes.get_int("axis", 1) and np.size(a[0]) > 1:
         return False
-    same_scale = np.array_equal(a[0], b[0])
+    same_scale = np.array_equal(np.ravel(a[0]), np.ravel(b[0]))  # a scale of shape [] and [1] is one scale
     zero_a = a[1] if a[1] is not None else np.zeros((), np.uint8)
     zero_b = b[1] if b[1] is not None else np.zeros((), np.uint8)
-    return same_scale and np.array_equal(zero_a, zero_b) and zero_a.dtype == zero_b.dtype
+    return same_scale and np.array_equal(np.ravel(zero_a), np.ravel(zero_b)) and zero_a.dtype == zero_b.dtype
 
 
 def _channel_axis(scale: np.ndarray) -> int | None:

@@ -26,6 +26,9 @@ class SimplifyConfig(PassConfig):
     onnxsim: bool = Field(True, description="run onnxsim (constant folding, dead code, redundant ops)")
     lift_constants: bool = Field(True, description="turn tensor-valued Constant nodes into initializers")
     strict: bool = Field(False, description="fail when onnxsim fails, instead of going on unsimplified")
+    spatial_mean_to_pool: bool = Field(
+        True, description="ReduceMean over H, W of a 4-D tensor becomes GlobalAveragePool (an integer kernel exists)"
+    )
 
 
 class Simplify(Pass):
@@ -37,6 +40,10 @@ class Simplify(Pass):
         modified = False
         if self.config.onnxsim:
             modified |= self._onnxsim(model)
+        if self.config.spatial_mean_to_pool:
+            if not self.config.onnxsim:
+                _infer_shapes(model)  # onnxsim would have; the rewrite needs to know the rank
+            modified |= _spatial_means_to_pools(model.graph) > 0
         if self.config.lift_constants:
             modified |= LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model).modified
             modified |= RemoveUnusedNodesPass()(model).modified
@@ -63,3 +70,45 @@ class Simplify(Pass):
         if after != before:
             self.context.notes.append(f"simplify: {before} → {after} nodes")
         return True
+
+
+def _spatial_means_to_pools(graph: ir.Graph) -> int:
+    """x.mean((2, 3)) as torch exports it is ReduceMean; onnxruntime quantizes GlobalAveragePool
+    (QLinearGlobalAveragePool) but runs a quantized ReduceMean in float between a DQ and a Q."""
+    rewritten = 0
+    for node in list(graph):
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+            continue
+        x = node.inputs[0]
+        if x.shape is None or x.shape.rank() != 4:
+            continue
+        axes_attr = node.attributes.get_ints("axes", None)
+        axes = list(axes_attr) if axes_attr is not None else None
+        if (
+            axes is None
+            and len(node.inputs) > 1
+            and node.inputs[1] is not None
+            and node.inputs[1].const_value is not None
+        ):
+            axes = [int(a) for a in node.inputs[1].const_value.numpy().reshape(-1)]
+        if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            continue
+        pool = ir.node("GlobalAveragePool", [x], name=f"{node.name}_pool")
+        new_nodes = [pool]
+        if not node.attributes.get_int("keepdims", 1):
+            new_nodes.append(ir.node("Flatten", [pool.outputs[0]], attributes={"axis": 1}, name=f"{node.name}_flatten"))
+            pool.outputs[0].name = f"{node.outputs[0].name}_pooled"
+        new_nodes[-1].outputs[0].dtype = node.outputs[0].dtype
+        new_nodes[-1].outputs[0].shape = node.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, node.outputs, new_nodes[-1].outputs)
+        rewritten += 1
+    return rewritten
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    import contextlib
+
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    with contextlib.suppress(Exception):  # an unknown op or a 2 GB model: the rewrite is skipped, nothing breaks
+        ShapeInferencePass()(model)
