@@ -231,14 +231,8 @@ class FoldQAT(Pass):
         flat_scale = scale.reshape(-1) if axis is not None else scale.reshape(())
         flat_zero = np.rint(zero.reshape(-1) if axis is not None else zero.reshape(())).astype(np.int64)
         stored = add_initializer(graph, f"{x.name}_qat", _as_storage(codes.astype(np.int64), dtype))
-        scale_value = add_initializer(graph, f"{x.name}_qat_scale", flat_scale.astype(np.float32))
-        zero_value = add_initializer(
-            graph, f"{x.name}_qat_zero_point", _as_storage(np.broadcast_to(flat_zero, flat_scale.shape), dtype)
-        )
-        attributes = {"axis": int(axis)} if axis is not None else {}
-        dq = ir.node("DequantizeLinear", [stored, scale_value, zero_value], attributes=attributes)
-        dq.outputs[0].name = unique_name(graph, f"{x.name}_dequantized")
-        dq.outputs[0].dtype = ir.DataType.FLOAT
+        zeros = np.broadcast_to(flat_zero, flat_scale.shape)
+        dq = _dequantize_node(graph, x.name, stored, flat_scale, zeros, dtype, axis)
         graph.append(dq)
         ir.convenience.replace_all_uses_with(mul.outputs[0], dq.outputs[0])
         for node in chain:
@@ -481,6 +475,33 @@ def _match_fake_quant(mul: ir.Node) -> tuple[ir.Value, np.ndarray, np.ndarray, s
     return None
 
 
+def _dequantize_node(
+    graph: ir.Graph, base: str, source: ir.Value, scale: np.ndarray, zero: np.ndarray, dtype: str, axis: int | None
+) -> ir.Node:
+    """DequantizeLinear(source) with new scale/zero-point initializers named after `base` (not yet added)."""
+    scale_value = add_initializer(graph, f"{base}_qat_scale", scale.astype(np.float32))
+    zero_value = add_initializer(graph, f"{base}_qat_zero_point", _as_storage(zero, dtype))
+    attributes = {"axis": int(axis)} if axis is not None else {}
+    dq = ir.node(
+        "DequantizeLinear",
+        [source, scale_value, zero_value],
+        attributes=attributes,
+        name=unique_name(graph, f"{base}_DequantizeLinear"),
+    )
+    dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    return dq
+
+
+def _read_through(value: ir.Value, replacement: ir.Value, readers: list[ir.Node], skip: ir.Node | None = None) -> None:
+    for node in readers:
+        if node is skip:
+            continue
+        for index, node_input in enumerate(node.inputs):
+            if node_input is value:
+                node.replace_input_with(index, replacement)
+
+
 def _insert_pair(
     graph: ir.Graph,
     value: ir.Value,
@@ -492,24 +513,16 @@ def _insert_pair(
     replace: ir.Value | None = None,
 ) -> None:
     """value → Q → DQ; `readers` (or every reader of `replace`) read the DQ output."""
-    scale_value = add_initializer(graph, f"{value.name}_qat_scale", scale.astype(np.float32))
-    zero_value = add_initializer(graph, f"{value.name}_qat_zero_point", _as_storage(zero, dtype))
+    dq = _dequantize_node(graph, value.name, value, scale, zero, dtype, axis)
     attributes = {"axis": int(axis)} if axis is not None else {}
     q = ir.node(
         "QuantizeLinear",
-        [value, scale_value, zero_value],
+        [value, dq.inputs[1], dq.inputs[2]],
         attributes=attributes,
         name=unique_name(graph, f"{value.name}_QuantizeLinear"),
     )
-    dq = ir.node(
-        "DequantizeLinear",
-        [q.outputs[0], scale_value, zero_value],
-        attributes=attributes,
-        name=unique_name(graph, f"{value.name}_DequantizeLinear"),
-    )
     q.outputs[0].name = unique_name(graph, f"{value.name}_quantized")
-    dq.outputs[0].name = unique_name(graph, f"{value.name}_dequantized")
-    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.replace_input_with(0, q.outputs[0])
     dq.outputs[0].shape = value.shape
     graph.extend([q, dq])
     if replace is not None:
@@ -519,10 +532,7 @@ def _insert_pair(
             replace.name = unique_name(graph, f"{name}_fake_quantized")
             dq.outputs[0].name = name
         return
-    for node in readers or []:
-        for index, node_input in enumerate(node.inputs):
-            if node_input is value and node is not q:
-                node.replace_input_with(index, dq.outputs[0])
+    _read_through(value, dq.outputs[0], readers or [], skip=q)
 
 
 def _insert_pair_on_constant(
@@ -535,20 +545,7 @@ def _insert_pair_on_constant(
     axis: int | None,
     readers: list[ir.Node],
 ) -> None:
-    scale_value = add_initializer(graph, f"{value.name}_qat_scale", scale.astype(np.float32))
-    zero_value = add_initializer(graph, f"{value.name}_qat_zero_point", _as_storage(zero, dtype))
-    attributes = {"axis": int(axis)} if axis is not None else {}
-    dq = ir.node(
-        "DequantizeLinear",
-        [stored, scale_value, zero_value],
-        attributes=attributes,
-        name=unique_name(graph, f"{value.name}_DequantizeLinear"),
-    )
-    dq.outputs[0].name = unique_name(graph, f"{value.name}_dequantized")
-    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq = _dequantize_node(graph, value.name, stored, scale, zero, dtype, axis)
     dq.outputs[0].shape = value.shape
-    graph.extend([dq])
-    for node in readers:
-        for index, node_input in enumerate(node.inputs):
-            if node_input is value:
-                node.replace_input_with(index, dq.outputs[0])
+    graph.append(dq)
+    _read_through(value, dq.outputs[0], readers)
