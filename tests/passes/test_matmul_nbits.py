@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from ort_util import as_bytes
+from ort_util import as_bytes, optimized_op_counts
 
 from onnxq import ir as onnxq_ir
 from onnxq.errors import UsageError
@@ -241,15 +241,7 @@ def test_from_matmul_nbits_raises_the_opset_only_where_that_is_safe() -> None:
 def test_onnxruntime_fuses_the_dq_form(dtype: str) -> None:
     """What onnxq emits is what onnxruntime turns into MatMulNBits (table in passes/matmul_nbits.py)."""
     for block_size, k, rank in ((16, 64, 2), (32, 100, 3), (256, 512, 2)):
-        model = dq_model(k, 16, block_size, dtype, rank=rank)
-        with tempfile.TemporaryDirectory() as folder:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
-            ort.InferenceSession(as_bytes(model), options, providers=["CPUExecutionProvider"])
-            optimized = onnx.load(options.optimized_model_filepath)
-        counts = collections.Counter(n.op_type for n in optimized.graph.node)
+        counts = optimized_op_counts(dq_model(k, 16, block_size, dtype, rank=rank))
         assert counts == {"MatMulNBits": 1}, (block_size, k, counts)
 
 
