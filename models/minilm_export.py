@@ -28,7 +28,6 @@ import argparse
 import collections
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -236,19 +235,6 @@ def check_tokenizer(vocab: Path, hf_tok: Any) -> int:
     return len(cases)
 
 
-def atomic_write(dest: Path, data: bytes) -> None:
-    """Temp file in the same folder + os.replace: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Export, check, write; prints what was checked and where the files went."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -269,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     data = model.SerializeToString()
-    atomic_write(out / minilm.VOCAB_FILE, (src / "vocab.txt").read_bytes())  # vocab first: a model implies it
-    atomic_write(out / minilm.MODEL_FILE, data)
+    zoo.write_atomically(out / minilm.VOCAB_FILE, (src / "vocab.txt").read_bytes())  # vocab first: a model implies it
+    zoo.write_atomically(out / minilm.MODEL_FILE, data)
 
     print(f"load {t1 - t0:.1f} s, export {t2 - t1:.1f} s, checks {time.perf_counter() - t2:.1f} s")
     print(f"opset {OPSET}, ir_version {model.ir_version}, {len(data) / 2**20:.1f} MiB")

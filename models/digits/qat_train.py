@@ -38,7 +38,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -60,6 +59,9 @@ from torch.ao.quantization import (
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import train as base  # noqa: E402  (models/digits/train.py: architecture, data split, float training)
+
+sys.path.insert(0, str(HERE.parents[1]))
+from models.zoo import write_atomically  # noqa: E402
 
 OUT = HERE / "qat"
 RESULTS_PATH = OUT / "results.json"
@@ -347,23 +349,9 @@ def train_lsq(state, bits: int, X_tr, y_tr) -> DigitsQAT:
 # --- export helpers -------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(m: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(m, full_check=True)
-    atomic_write(path, m.SerializeToString())
+    write_atomically(path, m.SerializeToString())
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
@@ -873,7 +861,7 @@ def main() -> int:
             n.input[i] for n in m.graph.node if n.op_type in ("Conv", "Gemm") for i in range(2)
         )
         assert set(consumers) <= set(sidecar["tensors"]), set(consumers) - set(sidecar["tensors"])
-        atomic_write(path.with_suffix(".json"), (dumps(sidecar) + "\n").encode())
+        write_atomically(path.with_suffix(".json"), (dumps(sidecar) + "\n").encode())
         sim = sidecar_qdq_model(m, sidecar)
         sim_logits = ort_logits(sim, X_te)
         sim_acc = float((sim_logits.argmax(1) == y_te).mean())
@@ -947,7 +935,7 @@ def main() -> int:
         "stock_exporter_errors": exporter_notes,
         "variants": variants,
     }
-    atomic_write(RESULTS_PATH, (dumps(results) + "\n").encode())
+    write_atomically(RESULTS_PATH, (dumps(results) + "\n").encode())
     bad = [
         k
         for k, v in variants.items()
