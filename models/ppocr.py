@@ -530,3 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def rec_agreement_metric(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray], batch: dict) -> float:
+    """:func:`rec_string_agreement` as an onnxq task metric (`--metric models.ppocr:rec_agreement_metric`)."""
+    ref, test = next(iter(reference.values())), next(iter(quantized.values()))
+    return rec_string_agreement(np.asarray(ref), np.asarray(test))

@@ -336,6 +336,66 @@ def _precision_chart(nodes: list[dict[str, Any]]) -> str:
     return f"<figure>{svg}<figcaption><div class='legend'>{legend}</div>{note}</figcaption></figure>"
 
 
+def pareto_chart(front: list[dict[str, Any]], chosen: dict[str, Any] | None, probes: list[dict[str, Any]]) -> str:
+    """Loss against cost ratio for every point of the exact front; probes (validated points) ringed and the
+    chosen point filled. Losses span decades, so the y axis is log10."""
+    points = [(_num(p.get("cost_ratio")), _num(p.get("loss"))) for p in front]
+    points = [
+        (c, loss)
+        for c, loss in points
+        if c is not None and loss is not None and math.isfinite(c) and math.isfinite(loss)
+    ]
+    if not points:
+        return ""
+    floor = min([loss for _, loss in points if loss > 0] or [1e-9]) / 2
+
+    def log(v: float) -> float:
+        return math.log10(max(v, floor))
+
+    xs, ys = [c for c, _ in points], [log(loss) for _, loss in points]
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo, y_hi = min(ys), max(ys)
+    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1e-3), (y_hi if y_hi > y_lo else y_lo + 1)
+    width, height, left, bottom, pad = 720, 300, 60, 36, 12
+
+    def x(v: float) -> float:
+        return left + (_clamp(v) - x_lo) / (x_hi - x_lo) * (width - left - pad)
+
+    def y(v: float) -> float:
+        return pad + (y_hi - v) / (y_hi - y_lo) * (height - bottom - pad)
+
+    parts = [f'<line x1="{left}" x2="{width - pad}" y1="{height - bottom}" y2="{height - bottom}" stroke="#9ca3af"/>']
+    for t in _ticks(x_lo, x_hi):
+        parts.append(f'<text x="{x(t):.1f}" y="{height - bottom + 16}" text-anchor="middle">{t:g}</text>')
+    for t in _ticks(y_lo, y_hi):
+        parts.append(f'<text x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end">1e{t:g}</text>')
+    parts.append(f'<text x="{(width + left) / 2:.0f}" y="{height - 4}" text-anchor="middle">cost / fp32</text>')
+    path = " ".join(f"{x(c):.1f},{y(log(loss)):.1f}" for c, loss in points)
+    parts.append(f'<polyline points="{path}" fill="none" stroke="#60a5fa"/>')
+    for c, loss in points:
+        parts.append(
+            f'<circle cx="{x(c):.1f}" cy="{y(log(loss)):.1f}" r="2.5" fill="#2563eb">'
+            f"<title>cost {c:.3f}, loss {loss:.3g}</title></circle>"
+        )
+    for probe in probes:
+        index = probe.get("index")
+        if isinstance(index, int) and 0 <= index < len(front):
+            c, loss = _num(front[index].get("cost_ratio")), _num(front[index].get("loss"))
+            if c is not None and loss is not None:
+                tip = f"validated: {_fmt(probe.get('score'))} at cost {c:.3f}"
+                parts.append(
+                    f'<circle cx="{x(c):.1f}" cy="{y(log(loss)):.1f}" r="6" fill="none" stroke="#f97316">'
+                    f"<title>{_e(tip)}</title></circle>"
+                )
+    if chosen and _num(chosen.get("cost_ratio")) is not None and _num(chosen.get("loss")) is not None:
+        c, loss = _num(chosen["cost_ratio"]), _num(chosen["loss"])
+        parts.append(
+            f'<circle cx="{x(c):.1f}" cy="{y(log(loss)):.1f}" r="5" fill="#16a34a">'  # type: ignore[arg-type]
+            f"<title>chosen: cost {c:.3f}, loss {loss:.3g}</title></circle>"
+        )
+    return _svg(width, height, "".join(parts), "Pareto front: predicted loss against cost")
+
+
 # --- sections -----------------------------------------------------------------------------------------
 
 
@@ -565,6 +625,38 @@ def _precision(report: dict[str, Any]) -> str:
     return f"<section><h2>Precision map</h2>{_precision_chart(nodes)}</section>" if nodes else ""
 
 
+def _mixed(report: dict[str, Any]) -> str:
+    mixed = _dict(report.get("mixed_precision"))
+    if not mixed:
+        return ""
+    front = [p for p in _list(mixed.get("front")) if isinstance(p, dict)]
+    probes = [p for p in _list(mixed.get("probes")) if isinstance(p, dict)]
+    chosen = _dict(mixed.get("chosen"))
+    chart = pareto_chart(front, chosen, probes)
+    seconds = _dict(mixed.get("seconds"))
+    facts = (
+        f"<p>Objective {_e(mixed.get('objective'))}; chosen plan costs {_fmt(mixed.get('chosen_cost_ratio'), '.3f')} "
+        f"of fp32. Sensitivity measured in {_fmt(seconds.get('sensitivity'), '.1f')} s with "
+        f"{_e(mixed.get('workers'))} worker(s). Proxy rank agreement with the measured losses (Spearman): "
+        + ", ".join(f"{_e(k)} {_fmt(v, '.2f')}" for k, v in _dict(mixed.get("proxy_agreement")).items())
+        + "</p>"
+    )
+    rows = [
+        [
+            _e(g.get("node")),
+            _e(g.get("op_type")),
+            _e(g.get("choice")),
+            ", ".join(f"{_e(c)} {_fmt(_dict(o).get('loss'), '.3g')}" for c, o in _dict(g.get("options")).items()),
+        ]
+        for g in _list(mixed.get("groups"))
+        if isinstance(g, dict)
+    ]
+    table = _table(["node", "op", "choice", "loss per candidate"], rows)
+    caption = "Exact Pareto front (blue), validated probes (orange rings), chosen plan (green)."
+    figure = f"<figure>{chart}<figcaption>{caption}</figcaption></figure>"
+    return f"<section><h2>Mixed precision</h2>{facts}{figure}{table}</section>"
+
+
 def _recipe(report: dict[str, Any]) -> str:
     recipe = report.get("recipe")
     if not recipe:
@@ -581,7 +673,7 @@ def render(report: dict[str, Any]) -> str:
     name = _dict(report.get("recipe")).get("name") or "report"
     output = Path(str(report["output"])).name if report.get("output") else ""
     title = "onnxq: " + " · ".join(x for x in (str(name), output) if x)
-    sections = (_header, _summary, _validation, _localization, _realization, _latency, _precision, _recipe)
+    sections = (_header, _summary, _validation, _localization, _realization, _latency, _mixed, _precision, _recipe)
     body = "".join(section(report) for section in sections)
     return (
         "<!DOCTYPE html>\n"

@@ -24,3 +24,21 @@ def accuracy(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray],
     """Label accuracy of the quantized model (labels under `label` in the data)."""
     labels = np.asarray(batch["label"]).reshape(-1)
     return float(np.mean(np.argmax(_first(quantized).reshape(len(labels), -1), axis=-1) == labels))
+
+
+def _ctc_decode(logits: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:
+    """Greedy CTC: best class per step, repeats merged, blanks dropped; one sequence per row."""
+    best = np.argmax(logits, axis=-1).reshape(logits.shape[0], -1)
+    out = []
+    for row in best:
+        keep = np.ones(row.shape, bool)
+        keep[1:] = row[1:] != row[:-1]
+        out.append(tuple(int(c) for c in row[keep] if c != blank))
+    return out
+
+
+def ctc_agreement(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray], batch: dict) -> float:
+    """Share of lines whose greedy CTC decoding (class 0 = blank, as in PaddleOCR and most CRNNs) is
+    identical in both models: the text-recognition metric that logits SQNR only approximates."""
+    ref, test = _ctc_decode(_first(reference)), _ctc_decode(_first(quantized))
+    return float(np.mean([a == b for a, b in zip(ref, test, strict=True)]))

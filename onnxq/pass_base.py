@@ -59,6 +59,8 @@ class PassContext:
     show_progress: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # structured results a pass wants in the report (e.g. mixed_precision's plan and Pareto front)
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def activation_ranges(
         self, model: ir.Model, names: Iterable[str], exact: Iterable[str] = ()

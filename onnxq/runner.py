@@ -49,6 +49,7 @@ class Result:
     latency: list[dict[str, Any]] = field(default_factory=list)
     realization: list[dict[str, Any]] = field(default_factory=list)
     localization: dict[str, Any] | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)  # structured pass results (mixed_precision)
 
     @property
     def passed(self) -> bool:
@@ -69,6 +70,7 @@ class Result:
             "realization": self.realization[0] if self.realization else None,
             "localization": self.localization,
             "precision": precision_map(self.model),
+            **self.artifacts,
         }
 
 
@@ -166,7 +168,7 @@ def run(
         onnxq_ir.save(working, out_path, source=source_path)  # raises the clear error
     stats_path = Path(stats) if stats else (out_path.with_name(out_path.name + ".calib.json") if out_path else None)
     context = make_context(working, resolved, calib, show_progress, stats_path, explicit_stats=stats is not None)
-    result = Result(working, None, resolved, notes=context.notes)
+    result = Result(working, None, resolved, notes=context.notes, artifacts=context.artifacts)
     pre_lowering: bytes | None = None  # the float graph the quantized one was lowered from (localization)
     for pass_ in build_passes(resolved, context):
         if dry_run and (pass_.lowers or pass_.needs):

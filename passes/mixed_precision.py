@@ -1,0 +1,450 @@
+"""mixed_precision: a precision per compute node from measured sensitivity, under a budget or an accuracy target.
+
+Bit allocation is a multiple-choice knapsack: each quantizable group (a Conv/MatMul/Gemm with its weight;
+a fused Relu follows its producer in the lowering) picks one candidate (fp32, fp16, int16 activations,
+int8, int8/int4 weight blocks), each with a cost (bytes, bit-ops, or latency) and a loss (the output
+degradation measured with only that group at that precision). The exact solver (onnxq.mckp) replaces the
+greedy promotion peers use. Modes:
+- `budget`: the objective's cost as a fraction of the all-fp32 model; the exact optimum under it.
+- `target`: the cheapest point of the Pareto front whose validated score (`sqnr` dB, `cosine`, or a task
+  metric `module:function`) meets `min`, found by bisection along the front (each probe lowers and runs the
+  whole model). If no point meets it the best one found is kept and a note says so.
+The result is only annotations; insert_qdq / quantize_weights / lower_fp16 lower them. Latency costs come
+from whole-model measurements of each candidate on the target provider (onnxruntime CPU here), shared out
+to the groups by their multiply-accumulates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from onnxq import ir as onnxq_ir
+from onnxq import mckp, sensitivity
+from onnxq.errors import UsageError
+from onnxq.pass_base import Pass, PassConfig
+from onnxq.qspec import (
+    COMPUTE_OPS,
+    DEFAULT_ACTIVATIONS,
+    DEFAULT_WEIGHTS,
+    NodeQuant,
+    QuantSpec,
+    get_qspec,
+    set_qspec,
+)
+
+from ._graph import constant_array, default_opset
+
+CandidateName = Literal["fp32", "fp16", "int16", "int8", "w8", "w4"]
+BITS = {"fp32": (32, 32), "fp16": (16, 16), "int16": (8, 16), "int8": (8, 8), "w8": (8, 32), "w4": (4, 32)}
+
+
+class Target(PassConfig):
+    metric: str = Field("sqnr", description="sqnr (worst output, dB), cosine (worst output), or module:function")
+    min: float = Field(description="the score the chosen configuration must reach on the calibration samples")
+
+
+class MixedPrecisionConfig(PassConfig):
+    candidates: list[CandidateName] = Field(
+        default_factory=lambda: ["fp32", "int8"],
+        description="precisions each group may take (those that do not apply to an op are dropped for it): "
+        "fp32, fp16 (Cast boundaries), int16 (16-bit activations, int8 weights; opset 21), int8 (the recipe "
+        "defaults), w8 / w4 (weight-only blocks, MatMul/Gemm; opset 21)",
+    )
+    objective: Literal["size", "bitops", "latency"] = Field(
+        "latency", description="the cost: weight bytes, multiply-accumulates × bits, or measured latency"
+    )
+    budget: float | None = Field(
+        None, gt=0, description="the objective as a fraction of the all-fp32 model (budget mode)"
+    )
+    target: Target | None = Field(
+        default_factory=lambda: Target(metric="sqnr", min=20.0),
+        description="accuracy-target mode (used when no budget is given)",
+    )
+    sensitivity: Literal["measured", "diag_hessian", "hessian_trace"] = Field(
+        "measured", description="losses from onnxruntime runs of one-group variants, or a proxy (no variants)"
+    )
+    loss: Literal["noise", "kl", "metric"] = Field(
+        "noise", description="measured loss: relative noise energy, KL of softmax outputs, or the target's task metric"
+    )
+    solver: Literal["exact", "greedy"] = "exact"
+    samples: int = Field(16, ge=1, description="calibration samples per sensitivity measurement")
+    target_samples: int = Field(64, ge=1, description="calibration samples each target probe is validated on")
+    workers: int | None = Field(None, ge=1, description="processes measuring variants; default calibration.workers")
+    block_size: int = Field(32, ge=16, le=256, description="w8/w4 block size")
+    latency_threads: int = Field(1, ge=0, description="onnxruntime threads when measuring latency costs")
+
+
+class MixedPrecision(Pass):
+    name = "mixed_precision"
+    Config = MixedPrecisionConfig
+    after = ("assign_precision", "simplify", "fold_batchnorm", "upgrade_opset", "smooth_quant")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg = self.config
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        nodes = list(model.graph)
+        groups = self._groups(model, nodes)
+        if not groups:
+            self.context.notes.append("mixed_precision: no annotated Conv/MatMul/Gemm with a weight; nothing chosen")
+            return ir.passes.PassResult(model, modified=False)
+        batches = sensitivity.first_samples(model, self.context, max(cfg.samples, cfg.target_samples))
+        if not batches:
+            raise UsageError(
+                "mixed_precision measures sensitivity and needs calibration data",
+                "pass --calib DATA (or set calibration.data)",
+            )
+        base = {i: get_qspec(n) for i, n in enumerate(nodes)}
+        reference = self._reference_config(groups, base)
+        candidates = {i: self._candidates(model, nodes[i]) for i in groups}
+        float_bytes = onnxq_ir.model_bytes(model)
+
+        tick = time.perf_counter()
+        ranges = self._collect_ranges(model, nodes, candidates)
+        timings["ranges"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        stats = sensitivity.layer_stats(model, [nodes[i] for i in groups], batches[: min(len(batches), 8)])
+        timings["statistics"] = time.perf_counter() - tick
+
+        workers = cfg.workers or int(self.context.calibration_settings.get("workers", 1) or 1)
+        evaluator = sensitivity.Evaluator(
+            float_bytes, reference, ranges, batches[: cfg.samples], self._metric_source(), workers=workers
+        )
+        self._probe = (
+            lambda: sensitivity.Evaluator(  # built only in target mode: its own reference outputs
+                float_bytes, reference, ranges, batches[: cfg.target_samples], self._metric_source()
+            )
+        )
+        metric_reference = evaluator.metric_reference
+
+        tick = time.perf_counter()
+        costs = self._costs(model, nodes, groups, candidates, stats, evaluator, float_bytes, ranges)
+        timings["costs"] = time.perf_counter() - tick
+
+        table = self._losses(nodes, groups, candidates, stats, ranges, evaluator, metric_reference, timings)
+        mckp_groups = [
+            mckp.Group(str(i), tuple(mckp.Option(c, costs[i][c], table[i][c]["loss"]) for c in candidates[i]))
+            for i in groups
+        ]
+        total_fp32 = sum(costs[i]["fp32"] for i in groups) + costs["rest"]
+        tick = time.perf_counter()
+        choice, search = self._choose(mckp_groups, total_fp32, costs["rest"], evaluator, candidates)
+        timings["search"] = time.perf_counter() - tick
+
+        for i in groups:
+            set_qspec(nodes[i], candidates[i][choice[str(i)]])
+        counts: dict[str, int] = {}
+        for c in choice.values():
+            counts[c] = counts.get(c, 0) + 1
+        spent = sum(costs[int(g)][c] for g, c in choice.items()) + costs["rest"]
+        timings["total"] = time.perf_counter() - started
+        self.context.notes.append(
+            f"mixed_precision: {len(groups)} groups → "
+            + ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
+            + f"; {cfg.objective} {spent / total_fp32:.3f} of fp32"
+            + f"; sensitivity {timings.get('sensitivity', 0.0):.1f} s with {workers} worker(s)"
+            + f", total {timings['total']:.1f} s"
+        )
+        self.context.notes.extend(search.pop("notes", []))
+        self.context.artifacts["mixed_precision"] = sensitivity.to_json(
+            {
+                "objective": cfg.objective,
+                "budget": cfg.budget,
+                "target": cfg.target.model_dump() if cfg.target and cfg.budget is None else None,
+                "workers": workers,
+                "seconds": timings,
+                "cost_fp32": total_fp32,
+                "chosen_cost_ratio": spent / total_fp32,
+                "groups": [
+                    {
+                        "node": nodes[i].name,
+                        "op_type": nodes[i].op_type,
+                        "choice": choice[str(i)],
+                        "options": {c: {"cost": costs[i][c], **table[i][c]} for c in candidates[i]},
+                    }
+                    for i in groups
+                ],
+                **search,
+                "proxy_agreement": self._agreement(table, groups),
+            }
+        )
+        return ir.passes.PassResult(model, modified=True)
+
+    # --- what can be chosen ----------------------------------------------------------------------------
+
+    def _groups(self, model: ir.Model, nodes: list[ir.Node]) -> list[int]:
+        found = []
+        for index, node in enumerate(nodes):
+            spec = get_qspec(node)
+            if spec is None or spec.skip or spec.frozen_by or node.op_type not in COMPUTE_OPS:
+                continue
+            if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+                continue
+            weight = constant_array(node.inputs[1])
+            if weight is not None and weight.dtype == np.float32 and weight.ndim >= 2:
+                found.append(index)
+        return found
+
+    def _reference_config(self, groups: list[int], base: dict[int, NodeQuant | None]) -> dict[int, NodeQuant | None]:
+        """Every group in float; other annotated nodes (data movement) follow what their inputs become."""
+        return {**base, **{i: NodeQuant(skip=True) for i in groups}}
+
+    def _candidates(self, model: ir.Model, node: ir.Node) -> dict[str, NodeQuant]:
+        defaults = self.context.defaults
+        if defaults.activations.is_float or defaults.weights.granularity == "block":
+            defaults = NodeQuant(activations=DEFAULT_ACTIVATIONS, weights=DEFAULT_WEIGHTS)
+        opset = default_opset(model)
+        weight = constant_array(node.inputs[1])
+        blockable = node.op_type in ("MatMul", "Gemm") and weight is not None and weight.ndim == 2 and opset >= 21
+        blockable = blockable and (node.op_type != "Gemm" or node.attributes.get_int("transA", 0) == 0)
+        float_act = QuantSpec(dtype="fp32")
+        bs = self.config.block_size
+        table = {
+            "fp32": NodeQuant(skip=True),
+            "fp16": NodeQuant(activations=QuantSpec(dtype="fp16"), weights=QuantSpec(dtype="fp16")),
+            "int16": NodeQuant(activations=QuantSpec(dtype="uint16", granularity="tensor"), weights=defaults.weights)
+            if opset >= 21
+            else None,
+            "int8": defaults,
+            "w8": NodeQuant(
+                activations=float_act,
+                weights=QuantSpec(dtype="int8", granularity="block", block_size=bs, symmetric=True),
+            )
+            if blockable
+            else None,
+            "w4": NodeQuant(activations=float_act, weights=QuantSpec(dtype="uint4", granularity="block", block_size=bs))
+            if blockable
+            else None,
+        }
+        chosen = {c: table[c] for c in self.config.candidates if table[c] is not None}
+        if not chosen:
+            chosen = {"fp32": table["fp32"]}
+        return chosen  # type: ignore[return-value]
+
+    def _metric_source(self):  # type: ignore[no-untyped-def]
+        target = self.config.target
+        if target is not None and target.metric not in ("sqnr", "cosine"):
+            return target.metric
+        return None
+
+    # --- statistics, costs, losses ----------------------------------------------------------------------
+
+    def _collect_ranges(self, model: ir.Model, nodes: list[ir.Node], candidates: dict[int, dict[str, NodeQuant]]):  # type: ignore[no-untyped-def]
+        """Ranges of every activation any candidate rounds, collected once (one onnxruntime pass) by
+        lowering a clone with every group at its integer-activation candidate; variants reuse them."""
+        from onnxq.passes.insert_qdq import InsertQDQ
+
+        changes = {}
+        for i, options in candidates.items():
+            quantized = [spec for spec in options.values() if not spec.skip and not spec.activations.is_float]
+            if quantized:
+                changes[i] = quantized[0]
+        if changes:
+            clone = onnxq_ir.from_proto(onnxq_ir.to_proto(model))
+            clone_nodes = list(clone.graph)
+            for i, spec in {**{j: get_qspec(n) for j, n in enumerate(nodes)}, **changes}.items():
+                set_qspec(clone_nodes[i], spec)
+            from onnxq.qspec import ANNOTATED_KEY
+
+            clone.graph.meta[ANNOTATED_KEY] = True
+            quiet = dataclasses.replace(self.context, notes=[])  # shares the ranges dict and the stats store
+            InsertQDQ({}, quiet)(clone)
+            self.context.stats_fingerprint = quiet.stats_fingerprint
+        return dict(self.context.ranges)
+
+    def _costs(self, model, nodes, groups, candidates, stats, evaluator, float_bytes, ranges):  # type: ignore[no-untyped-def]
+        objective = self.config.objective
+        costs: dict = {}
+        macs = {}
+        for i in groups:
+            weight = constant_array(nodes[i].inputs[1])
+            out_channels = _out_channels(nodes[i], weight)
+            macs[i] = stats[groups.index(i)].output_size * weight.size / max(out_channels, 1)
+            costs[i] = {}
+            for c, spec in candidates[i].items():
+                if objective == "size":
+                    costs[i][c] = _weight_bytes(weight, out_channels, spec)
+                else:
+                    wb, ab = BITS[c]
+                    costs[i][c] = macs[i] * wb * ab
+        costs["rest"] = 0.0
+        if objective == "size":
+            grouped = {id(nodes[i].inputs[1]) for i in groups}
+            costs["rest"] = float(
+                sum(
+                    v.const_value.nbytes
+                    for v in model.graph.initializers.values()
+                    if v.const_value is not None and id(v) not in grouped
+                )
+            )
+        if objective == "latency":
+            costs.update(self._latency_costs(groups, candidates, macs, evaluator, float_bytes, ranges))
+        return costs
+
+    def _latency_costs(self, groups, candidates, macs, evaluator, float_bytes, ranges):  # type: ignore[no-untyped-def]
+        """Whole-model latency of the all-fp32 model and of each candidate applied everywhere it can be,
+        measured interleaved on the first sample; each group's share is proportional to its MACs."""
+        from onnxq.validate import latency
+
+        feeds = sensitivity.model_feeds(float_bytes, evaluator.feeds[:1])
+        total_macs = sum(macs.values()) or 1.0
+        float_ms = None
+        per_mac: dict[str, float] = {}
+        for c in sorted({c for options in candidates.values() for c in options} - {"fp32"}):
+            members = [i for i in groups if c in candidates[i]]
+            changes = {i: candidates[i][c] for i in members}
+            quant = sensitivity.lower(float_bytes, {**evaluator.base, **changes}, ranges)
+            measured = latency(float_bytes, quant, feeds[0], threads=self.config.latency_threads, budget_s=1.0)
+            float_ms = measured["float_ms"] if float_ms is None else min(float_ms, measured["float_ms"])
+            share = sum(macs[i] for i in members) / total_macs
+            per_mac[c] = (measured["quantized_ms"] - measured["float_ms"]) / max(sum(macs[i] for i in members), 1.0)
+            self.context.notes.append(
+                f"mixed_precision: latency all-{c} {measured['quantized_ms']:.2f} ms vs fp32 "
+                f"{measured['float_ms']:.2f} ms ({share:.0%} of MACs)"
+            )
+        if float_ms is None:
+            return {}
+        out: dict = {}
+        for i in groups:
+            base_ms = float_ms * macs[i] / total_macs
+            out[i] = {c: max(base_ms + (per_mac[c] * macs[i] if c != "fp32" else 0.0), 0.0) for c in candidates[i]}
+        return out
+
+    def _losses(self, nodes, groups, candidates, stats, ranges, evaluator, metric_reference, timings):  # type: ignore[no-untyped-def]
+        cfg = self.config
+        table: dict[int, dict[str, dict[str, float]]] = {}
+        for i in groups:
+            node = nodes[i]
+            weight = constant_array(node.inputs[1]).astype(np.float32)
+            layer = stats[groups.index(i)]
+            input_range = ranges.get(node.inputs[0].name)
+            table[i] = {}
+            for c, spec in candidates[i].items():
+                diag, trace = (0.0, 0.0) if spec.skip else sensitivity.proxies(node, weight, spec, layer, input_range)
+                table[i][c] = {"diag_hessian": diag, "hessian_trace": trace}
+        variants = [(i, c) for i in groups for c, spec in candidates[i].items() if not spec.skip]
+        if cfg.sensitivity == "measured" and variants:
+            from onnxq.calibration.session import _progress
+
+            tick = time.perf_counter()
+            with _progress(self.context.show_progress, "measuring sensitivity", len(variants)) as advance:
+                scores = evaluator.many([{i: candidates[i][c]} for i, c in variants], advance)
+            timings["sensitivity"] = time.perf_counter() - tick
+            for (i, c), s in zip(variants, scores, strict=True):
+                table[i][c]["measured"] = s.loss(cfg.loss, metric_reference)
+                table[i][c]["sqnr_db"] = s.sqnr_db
+        key = "measured" if cfg.sensitivity == "measured" else cfg.sensitivity
+        for i in groups:
+            for c in candidates[i]:
+                row = table[i][c]
+                row["loss"] = 0.0 if candidates[i][c].skip else max(float(row.get(key, 0.0)), 0.0)
+        return table
+
+    def _agreement(self, table, groups) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        pairs = [row for i in groups for row in table[i].values() if "measured" in row]
+        if not pairs:
+            return {}
+        measured = [r["measured"] for r in pairs]
+        return {p: sensitivity.spearman([r[p] for r in pairs], measured) for p in ("diag_hessian", "hessian_trace")}
+
+    # --- choosing ---------------------------------------------------------------------------------------
+
+    def _choose(self, groups, total_fp32, rest, evaluator, candidates):  # type: ignore[no-untyped-def]
+        cfg = self.config
+        solve = mckp.solve_exact if cfg.solver == "exact" else mckp.solve_greedy
+        front = mckp.pareto_front(groups)
+        front_json = [{"cost_ratio": (p.cost + rest) / total_fp32, "loss": p.loss} for p in front]
+        if cfg.budget is not None:
+            budget = cfg.budget * total_fp32 - rest
+            found = solve(groups, budget)
+            if found is None:
+                cheapest = (front[0].cost + rest) / total_fp32 if front else float("nan")
+                raise UsageError(
+                    f"mixed_precision budget {cfg.budget:g} of fp32 {cfg.objective} is below the cheapest "
+                    f"configuration ({cheapest:.3f})",
+                    f"raise budget to at least {cheapest:.3f}, or add cheaper candidates",
+                )
+            greedy = mckp.solve_greedy(groups, budget)
+            return found.choice, {
+                "front": front_json,
+                "chosen": {"cost_ratio": (found.cost + rest) / total_fp32, "loss": found.loss},
+                "greedy": {"cost_ratio": (greedy.cost + rest) / total_fp32, "loss": greedy.loss} if greedy else None,
+            }
+        return self._search_target(front, front_json, rest, total_fp32, evaluator, candidates)
+
+    def _search_target(self, front, front_json, rest, total_fp32, evaluator, candidates):  # type: ignore[no-untyped-def]
+        """Bisection along the front for the cheapest point meeting the target (scores rise with cost)."""
+        target = self.config.target
+        assert target is not None
+        probes: dict[int, float] = {}
+        evaluator = self._probe()
+
+        def meets(index: int) -> bool:
+            changes = {int(g): candidates[int(g)][c] for g, c in front[index].choice.items()}
+            probes[index] = evaluator.one(changes).value(target.metric)
+            return probes[index] >= target.min
+
+        lo, hi = 0, len(front) - 1
+        if meets(lo):
+            hi = lo
+        elif hi == lo or not meets(hi):
+            hi = -1
+        else:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if meets(mid):
+                    hi = mid
+                else:
+                    lo = mid
+        notes = []
+        if hi < 0:
+            hi = max(probes, key=lambda k: (probes[k], -k))
+            notes.append(
+                f"mixed_precision: target {target.metric} ≥ {target.min:g} not met; kept the best found "
+                f"({probes[hi]:.4g} at {front_json[hi]['cost_ratio']:.3f} of fp32)"
+            )
+        else:
+            notes.append(
+                f"mixed_precision: target {target.metric} ≥ {target.min:g} met with {probes[hi]:.4g} at "
+                f"{front_json[hi]['cost_ratio']:.3f} of fp32 (front of {len(front)} points, {len(probes)} probes)"
+            )
+        return front[hi].choice, {
+            "front": front_json,
+            "probes": [
+                {"index": k, "cost_ratio": front_json[k]["cost_ratio"], "score": v} for k, v in sorted(probes.items())
+            ],
+            "chosen": {**front_json[hi], "index": hi, "score": probes[hi]},
+            "notes": notes,
+        }
+
+
+def _out_channels(node: ir.Node, weight: np.ndarray) -> int:
+    if node.op_type == "Conv":
+        return weight.shape[0]
+    if node.op_type == "ConvTranspose":
+        return weight.shape[1] * node.attributes.get_int("group", 1)
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return weight.shape[0]
+    return weight.shape[-1]
+
+
+def _weight_bytes(weight: np.ndarray, out_channels: int, spec: NodeQuant) -> float:
+    """Stored bytes of a weight under a candidate (codes, scales and zero points)."""
+    n = weight.size
+    w = spec.weights
+    if spec.skip or w.dtype == "fp32":
+        return 4.0 * n
+    if w.dtype == "fp16":
+        return 2.0 * n
+    bits = 4 if w.dtype in ("int4", "uint4") else 8 if w.dtype in ("int8", "uint8") else 16
+    if w.granularity == "block":
+        blocks = n / (w.block_size or 32)
+        return n * bits / 8 + 4 * blocks + (0 if w.symmetric else blocks * bits / 8)
+    params = out_channels if w.granularity == "channel" else 1
+    return n * bits / 8 + 4 * params + (0 if w.symmetric else params)
