@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxq.errors import OnnxqError
@@ -138,6 +139,8 @@ def run(
         return
     if dry_run:
         _print_plan(result.plan or [])
+        for note in result.notes:
+            out.print(f"[dim]{escape(note)}[/dim]")
         return
     _print_result(result)
 
@@ -243,8 +246,8 @@ def _print_plan(plan: list[dict[str, Any]]) -> None:
     for row in plan:
         table.add_row(row["node"], row["op"], row["activations"], row["weights"])
     out.print(table)
-    counts = Counter(r["op"] for r in plan if not r["skip"])
-    out.print("to quantize: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+    counts = Counter(r["op"] for r in plan if not r["skip"] and not r.get("follows_input"))
+    out.print("to quantize: " + (", ".join(f"{k}×{v}" for k, v in sorted(counts.items())) or "nothing"))
 
 
 @app.command()

@@ -22,7 +22,7 @@ from onnxq import registry
 from onnxq.calibration.readers import input_specs, open_data, rebatch
 from onnxq.errors import GateFailure, RecipeError
 from onnxq.pass_base import Pass, PassContext
-from onnxq.qspec import NodeQuant, get_qspec
+from onnxq.qspec import SHARED_SCALE_OPS, NodeQuant, get_qspec
 from onnxq.recipe import Recipe, load_recipe
 from onnxq.validate import ValidationResult, validate_models
 
@@ -338,13 +338,23 @@ def plan_of(model: ir.Model) -> list[dict[str, Any]]:
         spec = get_qspec(node)
         if spec is None:
             continue
+        follows = node.op_type in SHARED_SCALE_OPS and not spec.skip
         rows.append(
             {
                 "node": node.name,
                 "op": node.op_type,
                 "skip": spec.skip,
-                "activations": "float" if spec.skip else f"{spec.activations.dtype}/{spec.activations.granularity}",
-                "weights": "float" if spec.skip else f"{spec.weights.dtype}/{spec.weights.granularity}",
+                "follows_input": follows,  # data movement: quantized only where its input is
+                "activations": "float"
+                if spec.skip
+                else "as its input"
+                if follows
+                else f"{spec.activations.dtype}/{spec.activations.granularity}",
+                "weights": "float"
+                if spec.skip
+                else "-"
+                if follows
+                else f"{spec.weights.dtype}/{spec.weights.granularity}",
             }
         )
     return rows

@@ -152,6 +152,8 @@ class MixedPrecision(Pass):
             + f", total {timings['total']:.1f} s"
         )
         self.context.notes.extend(search.pop("notes", []))
+        if search.get("greedy"):  # by node name, so that a user (or a bench) can apply it as rules
+            search["greedy"]["choice"] = {nodes[int(g)].name: c for g, c in search["greedy"]["choice"].items()}
         self.context.artifacts["mixed_precision"] = sensitivity.to_json(
             {
                 "objective": cfg.objective,
@@ -160,6 +162,7 @@ class MixedPrecision(Pass):
                 "workers": workers,
                 "seconds": timings,
                 "cost_fp32": total_fp32,
+                "cost_rest": costs["rest"],
                 "chosen_cost_ratio": spent / total_fp32,
                 "groups": [
                     {
@@ -267,7 +270,7 @@ class MixedPrecision(Pass):
             out_channels = _out_channels(nodes[i], weight)
             macs[i] = stats[groups.index(i)].output_size * weight.size / max(out_channels, 1)
             costs[i] = {}
-            for c, spec in candidates[i].items():
+            for c, spec in {**candidates[i], "fp32": NodeQuant(skip=True)}.items():  # fp32: the reference cost
                 if objective == "size":
                     costs[i][c] = _weight_bytes(weight, out_channels, spec)
                 else:
@@ -313,7 +316,8 @@ class MixedPrecision(Pass):
         out: dict = {}
         for i in groups:
             base_ms = float_ms * macs[i] / total_macs
-            out[i] = {c: max(base_ms + (per_mac[c] * macs[i] if c != "fp32" else 0.0), 0.0) for c in candidates[i]}
+            out[i] = {c: max(base_ms + per_mac[c] * macs[i], 0.0) for c in candidates[i] if c != "fp32"}
+            out[i]["fp32"] = base_ms
         return out
 
     def _losses(self, nodes, groups, candidates, stats, ranges, evaluator, metric_reference, timings):  # type: ignore[no-untyped-def]
@@ -374,7 +378,13 @@ class MixedPrecision(Pass):
             return found.choice, {
                 "front": front_json,
                 "chosen": {"cost_ratio": (found.cost + rest) / total_fp32, "loss": found.loss},
-                "greedy": {"cost_ratio": (greedy.cost + rest) / total_fp32, "loss": greedy.loss} if greedy else None,
+                "greedy": {
+                    "cost_ratio": (greedy.cost + rest) / total_fp32,
+                    "loss": greedy.loss,
+                    "choice": greedy.choice,
+                }
+                if greedy
+                else None,
             }
         return self._search_target(front, front_json, rest, total_fp32, evaluator, candidates)
 

@@ -1,0 +1,144 @@
+"""Mixed int4/int8 weight-only (W4/W8 blocks of 32) on the tiny GPT and MiniLM at one model size: the
+ModelOpt-style heuristic (first and last eighth of the layers and every third layer int8, the rest int4;
+the LM head int8), greedy promotion, and the exact MCKP plan from measured sensitivity, all at the
+heuristic's size. Every plan is lowered the same way (RTN) and scored on held-out data.
+
+    python bench/mixed_weight.py [--models gpt,minilm] [--samples 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.weight_only import Task  # noqa: E402
+
+W8 = {"dtype": "int8", "granularity": "block", "block_size": 32, "symmetric": True}
+W4 = {"dtype": "uint4", "granularity": "block", "block_size": 32, "symmetric": False}
+LOSS = {"gpt": "kl", "minilm": "noise"}
+
+
+def recipe(mixed: dict[str, Any] | None, rules: list[dict[str, Any]], samples: int) -> dict[str, Any]:
+    passes: list[dict[str, Any]] = [
+        {"upgrade_opset": {"target": 21}},
+        {"simplify": {"onnxsim": False}},
+        {
+            "assign_precision": {
+                "targets": ["MatMul", "Gemm"],
+                "ignore": [{"op_types": ["MatMul"], "has_weight": False}],
+                "rules": rules,
+            }
+        },
+    ]
+    if mixed is not None:
+        passes.append({"mixed_precision": mixed})
+    passes += [{"quantize_weights": {"algorithm": "rtn"}}, {"cleanup": {}}]
+    return {
+        "name": "mixed-weight",
+        "calibration": {"num_samples": max(samples, 16)},
+        "defaults": {"activations": {"dtype": "fp32"}, "weights": W4},
+        "passes": passes,
+        "validate": {"enabled": False},
+    }
+
+
+def layer_of(name: str) -> int | None:
+    found = re.search(r"(?:layer|blocks?|h)\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+def heuristic_int8(names: list[str]) -> list[str]:
+    """ModelOpt's int4/int8 mix: first and last eighth of the layers and every third layer in int8."""
+    layers = sorted({n for n in map(layer_of, names) if n is not None})
+    count = len(layers)
+    edge = math.ceil(count / 8)
+    keep = {i for i in layers if i < edge or i >= count - edge or i % 3 == 0}
+    return [n for n in names if layer_of(n) is None or layer_of(n) in keep]
+
+
+def rules_for(plan: dict[str, str]) -> list[dict[str, Any]]:
+    """assign_precision rules that reproduce a plan (the defaults are w4)."""
+    rules: list[dict[str, Any]] = []
+    for choice, spec in (("w8", {"weights": W8}), ("fp32", {"skip": True})):
+        names = sorted(n for n, c in plan.items() if c == choice)
+        if names:
+            rules.append({"names": names, **spec})
+    return rules
+
+
+def mix(plan: dict[str, str]) -> str:
+    return "/".join(str(sum(c == k for c in plan.values())) for k in ("w4", "w8", "fp32"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="gpt,minilm")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--candidates", default="w4,w8", help="what greedy and MCKP may choose from")
+    args = parser.parse_args()
+    import onnxq
+
+    for name in args.models.split(","):
+        task = Task(name)
+        with tempfile.TemporaryDirectory(prefix="onnxq-mixw-") as work:
+            tmp = Path(work)
+            probe = {"candidates": ["w4", "w8"], "objective": "size", "budget": 1.0, "sensitivity": "diag_hessian"}
+            costs = onnxq.run(task.model, recipe(probe, [], args.samples), calib=task.calib, dry_run=True).artifacts[
+                "mixed_precision"
+            ]
+            names = [g["node"] for g in costs["groups"]]
+            int8 = set(heuristic_int8(names))
+            spent = costs["cost_rest"] + sum(
+                g["options"]["w8" if g["node"] in int8 else "w4"]["cost"] for g in costs["groups"]
+            )
+            budget = spent / costs["cost_fp32"]
+            mixed = {
+                "candidates": args.candidates.split(","),
+                "objective": "size",
+                "budget": budget,
+                "loss": LOSS[name],
+                "samples": args.samples,
+            }
+            started = time.perf_counter()
+            exact = onnxq.run(task.model, recipe(mixed, [], args.samples), calib=task.calib, output=tmp / "exact.onnx")
+            seconds = time.perf_counter() - started
+            report = exact.artifacts["mixed_precision"]
+            plans = {
+                "heuristic": {n: "w8" if n in int8 else "w4" for n in names},
+                "greedy": report["greedy"]["choice"],
+                "exact MCKP": {g["node"]: g["choice"] for g in report["groups"]},
+            }
+            outputs = {"exact MCKP": exact.output}
+            for label in ("heuristic", "greedy"):
+                rules = rules_for(plans[label])
+                outputs[label] = onnxq.run(
+                    task.model, recipe(None, rules, args.samples), calib=task.calib, output=tmp / f"{label}.onnx"
+                ).output
+            losses = {g["node"]: g["options"] for g in report["groups"]}
+            print(f"\n== {name}: w4/w8 blocks of 32 at the heuristic's size ({budget:.4f} of fp32 weights) ==")
+            print(f"{'plan':12s} {'w4/w8/fp32':>11s} {'size':>7s} {'pred. loss':>11s} {task.header():>28s}")
+            print(f"{'fp32':12s} {'':>11s} {1.0:7.4f} {'':>11s} {task.fp32_row():>28s}")
+            fp32_size = Path(task.model).stat().st_size
+            for label in ("heuristic", "greedy", "exact MCKP"):
+                predicted = sum(losses[n][plans[label][n]]["loss"] for n in losses)
+                size = Path(outputs[label]).stat().st_size / fp32_size
+                score = task.score(str(outputs[label]))
+                print(f"{label:12s} {mix(plans[label]):>11s} {size:7.4f} {predicted:11.4g} {score:>28s}")
+            print(
+                f"sensitivity: {len(names)} groups × 2 candidates in {report['seconds'].get('sensitivity', 0):.1f} s; "
+                f"whole run {seconds:.1f} s; proxy agreement "
+                + ", ".join(f"{k} {v:.2f}" for k, v in report["proxy_agreement"].items())
+            )
+
+
+if __name__ == "__main__":
+    main()
