@@ -14,6 +14,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +66,26 @@ def heuristic_int8(names: list[str]) -> list[str]:
     return [n for n in names if layer_of(n) is None or layer_of(n) in keep]
 
 
+def weight_spec(candidate: str) -> dict[str, Any]:
+    """The block spec a weight-only candidate name stands for (w4, w8, w4b128, …)."""
+    found = re.match(r"^w(4|8)(?:b(\d+))?$", candidate)
+    assert found, candidate
+    spec = dict(W8 if found.group(1) == "8" else W4)
+    spec["block_size"] = int(found.group(2) or 32)
+    return spec
+
+
 def rules_for(plan: dict[str, str]) -> list[dict[str, Any]]:
     """assign_precision rules that reproduce a plan (the defaults are w4)."""
     rules: list[dict[str, Any]] = []
-    for choice, spec in (("w8", {"weights": W8}), ("fp32", {"skip": True})):
+    for choice in sorted(set(plan.values())):
         names = sorted(n for n, c in plan.items() if c == choice)
-        if names:
-            rules.append({"names": names, **spec})
+        rules.append({"names": names, **({"skip": True} if choice == "fp32" else {"weights": weight_spec(choice)})})
     return rules
 
 
 def mix(plan: dict[str, str]) -> str:
-    return "/".join(str(sum(c == k for c in plan.values())) for k in ("w4", "w8", "fp32"))
+    return " ".join(f"{k}:{v}" for k, v in sorted(Counter(plan.values()).items()))
 
 
 def main() -> None:
@@ -125,16 +134,17 @@ def main() -> None:
                 ).output
             losses = {g["node"]: g["options"] for g in report["groups"]}
             print(f"\n== {name}: w4/w8 blocks of 32 at the heuristic's size ({budget:.4f} of fp32 weights) ==")
-            print(f"{'plan':12s} {'w4/w8/fp32':>11s} {'size':>7s} {'pred. loss':>11s} {task.header():>28s}")
-            print(f"{'fp32':12s} {'':>11s} {1.0:7.4f} {'':>11s} {task.fp32_row():>28s}")
+            print(f"{'plan':12s} {'mix':>24s} {'size':>7s} {'pred. loss':>11s} {task.header():>28s}")
+            print(f"{'fp32':12s} {'':>24s} {1.0:7.4f} {'':>11s} {task.fp32_row():>28s}")
             fp32_size = Path(task.model).stat().st_size
             for label in ("heuristic", "greedy", "exact MCKP"):
                 predicted = sum(losses[n][plans[label][n]]["loss"] for n in losses)
                 size = Path(outputs[label]).stat().st_size / fp32_size
                 score = task.score(str(outputs[label]))
-                print(f"{label:12s} {mix(plans[label]):>11s} {size:7.4f} {predicted:11.4g} {score:>28s}")
+                print(f"{label:12s} {mix(plans[label]):>24s} {size:7.4f} {predicted:11.4g} {score:>28s}")
             print(
-                f"sensitivity: {len(names)} groups × 2 candidates in {report['seconds'].get('sensitivity', 0):.1f} s; "
+                f"sensitivity: {len(names)} groups × {len(mixed['candidates'])} candidates in "
+                f {report['seconds'].get('sensitivity', 0):.1f} s; "
                 f"whole run {seconds:.1f} s; proxy agreement "
                 + ", ".join(f"{k} {v:.2f}" for k, v in report["proxy_agreement"].items())
             )

@@ -17,16 +17,17 @@ to the groups by their multiply-accumulates.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from onnxq import ir as onnxq_ir
 from onnxq import mckp, sensitivity
-from onnxq.errors import UsageError
+from onnxq.errors import UsageError, did_you_mean
 from onnxq.pass_base import Pass, PassConfig
 from onnxq.qspec import (
     COMPUTE_OPS,
@@ -40,8 +41,14 @@ from onnxq.qspec import (
 
 from ._graph import constant_array, default_opset
 
-CandidateName = Literal["fp32", "fp16", "int16", "int8", "w8", "w4"]
 BITS = {"fp32": (32, 32), "fp16": (16, 16), "int16": (8, 16), "int8": (8, 8), "w8": (8, 32), "w4": (4, 32)}
+# weight-only candidates may name their block size: w4b128 = 4-bit blocks of 128 (w4 uses block_size)
+WEIGHT_ONLY = re.compile(r"^w(4|8)(?:b(16|32|64|128|256))?$")
+
+
+def _bits(candidate: str) -> tuple[int, int]:
+    found = WEIGHT_ONLY.match(candidate)
+    return (int(found.group(1)), 32) if found else BITS[candidate]
 
 
 class Target(PassConfig):
@@ -50,12 +57,23 @@ class Target(PassConfig):
 
 
 class MixedPrecisionConfig(PassConfig):
-    candidates: list[CandidateName] = Field(
+    candidates: list[str] = Field(
         default_factory=lambda: ["fp32", "int8"],
         description="precisions each group may take (those that do not apply to an op are dropped for it): "
         "fp32, fp16 (Cast boundaries), int16 (16-bit activations, int8 weights; opset 21), int8 (the recipe "
-        "defaults), w8 / w4 (weight-only blocks, MatMul/Gemm; opset 21)",
+        "defaults), w8 / w4 (weight-only blocks, MatMul/Gemm; opset 21; w4b128 names the block size)",
     )
+
+    @field_validator("candidates")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in BITS and not WEIGHT_ONLY.match(name):
+                raise ValueError(f"unknown candidate {name!r}; {did_you_mean(name, [*BITS, 'w4b128', 'w8b128'])}")
+        if not names:
+            raise ValueError("at least one candidate")
+        return names
+
     objective: Literal["size", "bitops", "latency"] = Field(
         "latency", description="the cost: weight bytes, multiply-accumulates × bits, or measured latency"
     )
@@ -215,17 +233,18 @@ class MixedPrecision(Pass):
             if opset >= 21
             else None,
             "int8": defaults,
-            "w8": NodeQuant(
-                activations=float_act,
-                weights=QuantSpec(dtype="int8", granularity="block", block_size=bs, symmetric=True),
-            )
-            if blockable
-            else None,
-            "w4": NodeQuant(activations=float_act, weights=QuantSpec(dtype="uint4", granularity="block", block_size=bs))
-            if blockable
-            else None,
         }
-        chosen = {c: table[c] for c in self.config.candidates if table[c] is not None}
+        for name in self.config.candidates:
+            found = WEIGHT_ONLY.match(name)
+            if found and blockable:
+                size = int(found.group(2) or bs)
+                table[name] = NodeQuant(
+                    activations=float_act,
+                    weights=QuantSpec(dtype="int8", granularity="block", block_size=size, symmetric=True)
+                    if found.group(1) == "8"
+                    else QuantSpec(dtype="uint4", granularity="block", block_size=size),
+                )
+        chosen = {c: table[c] for c in self.config.candidates if table.get(c) is not None}
         if not chosen:
             chosen = {"fp32": table["fp32"]}
         return chosen  # type: ignore[return-value]
@@ -274,7 +293,7 @@ class MixedPrecision(Pass):
                 if objective == "size":
                     costs[i][c] = _weight_bytes(weight, out_channels, spec)
                 else:
-                    wb, ab = BITS[c]
+                    wb, ab = _bits(c)
                     costs[i][c] = macs[i] * wb * ab
         costs["rest"] = 0.0
         if objective == "size":
