@@ -144,7 +144,7 @@ def main() -> None:
                 print(f"{label:12s} {mix(plans[label]):>24s} {size:7.4f} {predicted:11.4g} {score:>28s}")
             print(
                 f"sensitivity: {len(names)} groups × {len(mixed['candidates'])} candidates in "
-                f {report['seconds'].get('sensitivity', 0):.1f} s; "
+                f"{report['seconds'].get('sensitivity', 0):.1f} s; "
                 f"whole run {seconds:.1f} s; proxy agreement "
                 + ", ".join(f"{k} {v:.2f}" for k, v in report["proxy_agreement"].items())
             )
