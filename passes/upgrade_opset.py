@@ -64,6 +64,8 @@ class UpgradeOpset(Pass):
         if current >= self.config.target:
             return ir.passes.PassResult(model, modified=False)
         if import_bump_suffices(model, self.config.target):
+            if current < 18 <= self.config.target:
+                _name_equal_splits(model)
             model.opset_imports.pop("ai.onnx", None)
             model.opset_imports[""] = self.config.target
             onnxq_ir.fix_ir_version(model)
@@ -81,3 +83,11 @@ class UpgradeOpset(Pass):
         replace_model(model, onnxq_ir.from_proto(converted))
         self.context.notes.append(f"upgraded opset {current} → {self.config.target}")
         return ir.passes.PassResult(model, modified=True)
+
+
+def _name_equal_splits(model: ir.Model) -> None:
+    """An equal Split (no `split` sizes) must say how many parts from opset 18 on: num_outputs, the same split."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        sized = len(node.inputs) > 1 or "split" in node.attributes or "num_outputs" in node.attributes
+        if node.op_type == "Split" and node.domain in ("", "ai.onnx") and not sized:
+            node.attributes["num_outputs"] = ir.AttrInt64("num_outputs", len(node.outputs))

@@ -32,6 +32,11 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(self.rng.normal(0, scale, shape).astype(np.float32), name))
         return name
 
+    def constant(self, array: np.ndarray) -> str:
+        name = self.name("k")
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
     def node(self, op: str, inputs: list[str], **attrs) -> str:
         out = self.name(op.lower())
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
@@ -44,6 +49,22 @@ class _Builder:
         return self.node("Conv", inputs, pads=[k // 2] * 4)
 
 
+KINDS = [
+    "conv",
+    "conv_relu",
+    "concat",
+    "residual",
+    "pool",
+    "mul",
+    "sigmoid",
+    "transpose",
+    "reshape",
+    "resize",
+    "split",
+    "slice",
+]
+
+
 @st.composite
 def random_model(draw) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
@@ -52,7 +73,7 @@ def random_model(draw) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     hw0 = hw
     x, channels = "x", c
     for _ in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["conv", "conv_relu", "concat", "residual", "pool", "mul", "sigmoid"]))
+        kind = draw(st.sampled_from(KINDS))
         if kind in ("conv", "conv_relu"):
             cout = draw(st.integers(2, 8))
             x = b.conv(x, channels, cout, draw(st.sampled_from([1, 3])))
@@ -71,6 +92,27 @@ def random_model(draw) -> tuple[onnx.ModelProto, tuple[int, ...]]:
             x = b.node("Mul", [x, b.weight((1, channels, 1, 1), 1.0)])
         elif kind == "sigmoid":
             x = b.node("Sigmoid", [x])
+        elif kind == "transpose":  # swaps H and W (square maps keep their shape)
+            x = b.node("Transpose", [x], perm=[0, 1, 3, 2])
+        elif kind == "reshape":  # [N, C, H, W] → [N, C, H·W] → back
+            flat = b.node("Reshape", [x, b.constant(np.array([0, channels, hw * hw], np.int64))])
+            x = b.node("Reshape", [b.node("Relu", [flat]), b.constant(np.array([0, channels, hw, hw], np.int64))])
+        elif kind == "resize" and hw <= 4:  # nearest ×2 up, then a stride-2 conv back down
+            up = b.node(
+                "Resize",
+                [x, b.constant(np.zeros(0, np.float32)), b.constant(np.array([1, 1, 2, 2], np.float32))],
+                mode="nearest",
+            )
+            x = b.node("Conv", [up, b.weight((channels, channels, 2, 2), 0.5 / channels)], strides=[2, 2])
+        elif kind == "split" and channels % 2 == 0:
+            half = channels // 2
+            first, second = b.name("split"), b.name("split")
+            b.nodes.append(helper.make_node("Split", [x], [first, second], name=b.name("Split"), axis=1))
+            x = b.node("Add", [b.conv(first, half, channels, 1), b.conv(second, half, channels, 3)])
+        elif kind == "slice" and hw >= 4:  # crop one border row and column, pad back with a conv
+            starts, ends, axes = ([1, 1], [hw - 1, hw - 1], [2, 3])
+            cropped = b.node("Slice", [x, *(b.constant(np.array(v, np.int64)) for v in (starts, ends, axes))])
+            x = b.node("Conv", [cropped, b.weight((channels, channels, 3, 3), 0.3 / channels)], pads=[2, 2, 2, 2])
     head = draw(st.sampled_from(["gemm", "matmul", "none"]))
     if head != "none":
         flat = b.node("Flatten", [x])
@@ -118,3 +160,39 @@ def test_random_graphs_quantize_run_and_stay_close(
     (got,) = run(result.output, {"x": x})
     assert got.shape == ref.shape
     assert qmath.sqnr_db(ref, got) > 12
+
+
+# Weight-only int4 (GPTQ, MatMulNBits) and the mixed-precision search on the same random graphs. The mixed
+# run measures with few samples (its search, not its statistics, is what is under test here).
+MIXED_FAST = [
+    "passes.mixed_precision.objective=bitops",
+    "passes.mixed_precision.samples=4",
+    "passes.mixed_precision.target_samples=8",
+    "calibration.method=minmax",
+]
+FLOORS = {"int4-weight": 10.0, "mixed": 12.0}
+
+
+@settings(
+    max_examples=int(os.environ.get("ONNXQ_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(random_model(), st.sampled_from(["int4-weight", "mixed"]))
+def test_random_graphs_through_weight_only_and_mixed(
+    tmp_path: Path, case: tuple[onnx.ModelProto, tuple[int, int]], recipe: str
+) -> None:
+    model, (c, hw) = case
+    rng = np.random.default_rng(0)
+    path, data = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(model, path)
+    np.savez(data, x=rng.uniform(-1, 1, (16, c, hw, hw)).astype(np.float32))
+    overrides = [*MIXED_FAST, "calibration.num_samples=16"] if recipe == "mixed" else ["calibration.num_samples=16"]
+    result = onnxq.run(path, recipe, calib=str(data), output=tmp_path / "m.q.onnx", validate=False, overrides=overrides)
+    quantized = onnx.load(result.output)
+    onnx.checker.check_model(quantized, full_check=recipe != "int4-weight")  # MatMulNBits: a contrib op
+    x = rng.uniform(-1, 1, (8, c, hw, hw)).astype(np.float32)
+    (ref,) = run(model, {"x": x})
+    (got,) = run(result.output, {"x": x})
+    assert got.shape == ref.shape
+    assert qmath.sqnr_db(ref, got) > FLOORS[recipe]

@@ -97,3 +97,32 @@ def test_upgrade_is_an_import_bump_only_where_every_op_keeps_its_meaning() -> No
     assert len(mean.inputs) == 2 and "axes" not in mean.attributes  # converted, not just re-stamped
     x = np.arange(10, dtype=np.float32).reshape(2, 5) - 4
     np.testing.assert_allclose(run(proto, {"x": x})[0], run(reduce, {"x": x})[0])
+
+
+def test_equal_split_gets_num_outputs_across_opset_18() -> None:
+    """Found by the random-graph fuzzer (int4-weight upgrades to 21): an equal Split with no sizes is invalid
+    from opset 18 unless it names num_outputs."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (4, 2, 1, 1)).astype(np.float32)
+    nodes = [
+        onnx.helper.make_node("Split", ["x"], ["a", "b"], axis=1),
+        onnx.helper.make_node("Conv", ["a", "w"], ["ca"]),
+        onnx.helper.make_node("Conv", ["b", "w"], ["cb"]),
+        onnx.helper.make_node("Add", ["ca", "cb"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "split",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    proto.ir_version = 7
+    upgraded = UpgradeOpset(target=21)(onnxq_ir.from_proto(proto)).model
+    out = onnxq_ir.to_proto(upgraded)
+    onnx.checker.check_model(out, full_check=True)
+    split = next(n for n in out.graph.node if n.op_type == "Split")
+    assert onnx.helper.get_attribute_value(next(a for a in split.attribute if a.name == "num_outputs")) == 2
+    x = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(run(proto, {"x": x})[0], run(out, {"x": x})[0])
