@@ -167,10 +167,10 @@ def test_random_graphs_quantize_run_and_stay_close(
 MIXED_FAST = [
     "passes.mixed_precision.objective=bitops",
     "passes.mixed_precision.samples=4",
-    "passes.mixed_precision.target_samples=8",
+    "passes.mixed_precision.target_samples=16",
     "calibration.method=minmax",
 ]
-FLOORS = {"int4-weight": 10.0, "mixed": 12.0}
+FLOORS = {"int4-weight": 10.0, "mixed": 8.0}  # mixed: a 20 dB target met on 16 samples
 
 
 @settings(
