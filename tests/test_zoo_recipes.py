@@ -54,9 +54,9 @@ def test_every_zoo_model_survives_every_builtin_recipe(tmp_path: Path, model_nam
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
     sets = [arg for s in ["calibration.num_samples=4", *FAST.get(recipe, [])] for arg in ("--set", s)]
+    command = [sys.executable, "-m", "onnxq", "run", str(source), "-r", recipe, "--calib", str(data), "-o", str(out)]
     done = subprocess.run(
-        [sys.executable, "-m", "onnxq", "run", str(source), "-r", recipe, "--calib", str(data), "-o", str(out), *sets]
-        + ["--no-validate", "--quiet"],
+        [*command, *sets, "--no-validate", "--quiet"],
         cwd=work,
         capture_output=True,
         text=True,
