@@ -4,10 +4,20 @@ For every requested tensor the clone gets in-graph ReduceMin/ReduceMax outputs a
 methods, a strided subsample of at most `sample_per_tensor` elements (Reshape → Slice with a step
 computed from Size), so each run ships a few scalars and small vectors back to Python instead of whole
 activations; works for any input shape per batch.
+
+A tensor made inside a subgraph (an If branch, a Loop or Scan body) cannot be a graph output. Its min and
+max are reduced where it lives, returned as an extra output of the subgraph (the other If branch returns
++inf/-inf, which no range contains), reduced again over the iterations in the enclosing graph, and so on
+out to the main graph. Such tensors get min-max ranges whatever the method. A batch in which the tensor
+was never computed (a branch not taken, zero iterations) contributes nothing to its range.
+
+Ops onnxruntime has no schema for (a custom domain without its kernel library) are cut from the clone with
+everything computed from them, so the rest of the model can still be calibrated.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -31,13 +41,39 @@ SUFFIX = "__onnxq_"
 def augmented_model(
     model: ir.Model, names: list[str], reductions: tuple[str, ...], sample_per_tensor: int = 0
 ) -> onnx.ModelProto:
-    """A protobuf clone of `model` with `<name>__onnxq_<reduction>` outputs for each tensor."""
+    """A protobuf clone of `model` with `<name>__onnxq_<reduction>` outputs for each tensor.
+
+    A tensor defined inside a subgraph gets its min/max (and a two-element sample) carried out to the main
+    graph; one that cannot be (other reductions, or a node whose subgraph outputs cannot be extended) gets
+    no outputs."""
+    return _augment(model, names, reductions, sample_per_tensor)[0]
+
+
+def _augment(
+    model: ir.Model, names: list[str], reductions: tuple[str, ...], sample_per_tensor: int
+) -> tuple[onnx.ModelProto, list[str], set[str]]:
+    """The augmented clone, the names it has outputs for, and which of those live in subgraphs."""
     proto = onnxq_ir.to_proto(model)
     elem_types = _elem_types(proto)
     graph = proto.graph
+    lost = _drop_unrunnable(proto)
     if {"sample", "channel_absmax", "gram"} & set(reductions):
         _add_sampling_constants(graph, sample_per_tensor)
+    inner = _inner_tensors(graph)
+    defined = (
+        {v.name for v in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    )
+    kept, lifted = [], set()
     for name in names:
+        if name in lost or (name not in defined and name not in inner):
+            continue  # after an op onnxruntime cannot run, or in a subgraph of one
+        if name in inner:
+            if set(reductions) <= {"min", "max", "sample"} and _can_lift(inner[name]):
+                _lift_min_max(graph, inner[name], name, reductions)
+                kept.append(name)
+                lifted.add(name)
+            continue
+        kept.append(name)
         elem_type = elem_types.get(name, onnx.TensorProto.FLOAT)
         for reduction in reductions:
             out = f"{name}{SUFFIX}{reduction}"
@@ -59,10 +95,166 @@ def augmented_model(
             op = {"min": "ReduceMin", "max": "ReduceMax"}[reduction]
             graph.node.append(onnx.helper.make_node(op, [name], [out], keepdims=0, name=out))
             graph.output.append(onnx.helper.make_tensor_value_info(out, elem_type, []))
-    return proto
+    return proto, kept, lifted
 
 
 _K = f"{SUFFIX}k_"
+
+
+@functools.cache
+def _onnxruntime_ops() -> frozenset[tuple[str, str]] | None:
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        return frozenset((schema.domain, schema.name) for schema in ort_c.get_all_operator_schema())
+    except Exception:  # a build without schema access: assume it runs everything
+        return None
+
+
+def onnxruntime_has_op(domain: str, op_type: str) -> bool:
+    """Whether onnxruntime knows the op (ONNX, ai.onnx.ml or its com.microsoft contrib ops): a custom domain
+    needs its kernel library, which calibration does not load."""
+    known = _onnxruntime_ops()
+    return known is None or ("" if domain == "ai.onnx" else domain, op_type) in known
+
+
+def _runnable(node: onnx.NodeProto, functions: set[tuple[str, str]]) -> bool:
+    if (node.domain, node.op_type) not in functions and not onnxruntime_has_op(node.domain, node.op_type):
+        return False
+    return all(_runnable(n, functions) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Inputs of the node and every name its subgraphs mention (a superset of what they read from outside)."""
+    names = set(node.input)
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            for inner in a.g.node:
+                names |= _reads(inner)
+    return names
+
+
+def _drop_unrunnable(proto: onnx.ModelProto) -> set[str]:
+    """Remove the nodes onnxruntime cannot run and all computed from them; returns the tensors lost.
+    (Model-local functions run: onnxruntime inlines them.)"""
+    graph = proto.graph
+    functions = {(f.domain, f.name) for f in proto.functions}
+    lost: set[str] = set()
+    kept = []
+    for node in graph.node:  # topological order
+        if not _runnable(node, functions) or _reads(node) & lost:
+            lost.update(node.output)
+        else:
+            kept.append(node)
+    if lost:
+        outputs = [o for o in graph.output if o.name not in lost]
+        del graph.node[:], graph.output[:]
+        graph.node.extend(kept)
+        graph.output.extend(outputs)
+    return lost
+
+
+# (graph, node, attribute name): one step from a graph into the subgraph held by that node's attribute
+Step = tuple[onnx.GraphProto, onnx.NodeProto, str]
+
+
+def _inner_tensors(graph: onnx.GraphProto, path: tuple[Step, ...] = ()) -> dict[str, tuple[Step, ...]]:
+    """Tensors defined inside subgraphs (their inputs and node outputs), with the path from `graph` down."""
+    found: dict[str, tuple[Step, ...]] = {}
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type != onnx.AttributeProto.GRAPH:
+                continue
+            steps = (*path, (graph, node, attr.name))
+            sub = attr.g
+            for name in [*(v.name for v in sub.input), *(o for n in sub.node for o in n.output)]:
+                if name:
+                    found.setdefault(name, steps)
+            found.update({k: v for k, v in _inner_tensors(sub, steps).items() if k not in found})
+    return found
+
+
+def _can_lift(path: tuple[Step, ...]) -> bool:
+    """Whether each node on the path can return one more value: If (both branches), Loop and Scan (a scan
+    output), in the default domain, with as many node outputs as its subgraph has (Loop: minus `cond`)."""
+    for _, node, attr in path:
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        body = _subgraph(node, attr)
+        if node.op_type == "If":
+            continue
+        if node.op_type == "Loop" and len(node.output) == len(body.output) - 1:
+            continue
+        if node.op_type == "Scan" and len(node.output) == len(body.output):
+            continue
+        return False
+    return True
+
+
+def _lift_min_max(graph: onnx.GraphProto, path: tuple[Step, ...], name: str, reductions: tuple[str, ...]) -> None:
+    """`<name>__onnxq_min`/`_max` (and `_sample` = [min, max]) in the main graph for a subgraph tensor."""
+    make = onnx.helper.make_node
+    for reduction, op, neutral in (("min", "ReduceMin", np.inf), ("max", "ReduceMax", -np.inf)):
+        out = f"{name}{SUFFIX}{reduction}"
+        innermost = _subgraph(*path[-1][1:])
+        current = f"{out}_d{len(path)}"
+        innermost.node.append(make(op, [name], [current], keepdims=0, name=current))
+        for depth in range(len(path) - 1, -1, -1):
+            parent, node, attr = path[depth]
+            _subgraph(node, attr).output.append(_scalar_info(current))
+            if node.op_type == "If":
+                other = _subgraph(node, "else_branch" if attr == "then_branch" else "then_branch")
+                other.node.append(_constant(f"{current}_other", np.float32(neutral)))
+                other.output.append(_scalar_info(f"{current}_other"))
+            for a in node.attribute:  # Scan: the new scan output is stacked on axis 0, forward
+                if a.name in ("scan_output_axes", "scan_output_directions"):
+                    a.ints.append(0)
+            stacked = f"{out}_d{depth}_stacked"
+            node.output.append(stacked)
+            current = out if depth == 0 else f"{out}_d{depth}"
+            # one value per iteration (one in all for If): flatten, add the neutral element (zero
+            # iterations give an empty tensor), reduce
+            parent.node.extend(
+                [
+                    _constant(f"{stacked}_shape", np.array([-1], np.int64)),
+                    _constant(f"{stacked}_neutral", np.array([neutral], np.float32)),
+                    make("Reshape", [stacked, f"{stacked}_shape"], [f"{stacked}_flat"], name=f"{stacked}_flat"),
+                    make(
+                        "Concat",
+                        [f"{stacked}_flat", f"{stacked}_neutral"],
+                        [f"{stacked}_all"],
+                        axis=0,
+                        name=f"{stacked}_all",
+                    ),
+                    make(op, [f"{stacked}_all"], [current], keepdims=0, name=current),
+                ]
+            )
+        if reduction in reductions:
+            graph.output.append(_scalar_info(out))
+    if "sample" in reductions:  # only the extremes: subgraph tensors get min-max ranges
+        out = f"{name}{SUFFIX}sample"
+        ends = [f"{name}{SUFFIX}{r}" for r in ("min", "max")]
+        graph.node.extend(
+            [
+                *(make("Reshape", [e, f"{_K}one"], [f"{e}_1d"], name=f"{e}_1d") for e in ends),
+                make("Concat", [f"{e}_1d" for e in ends], [out], axis=0, name=out),
+            ]
+        )
+        graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, ["n"]))
+
+
+def _subgraph(node: onnx.NodeProto, attr: str) -> onnx.GraphProto:
+    return next(a.g for a in node.attribute if a.name == attr)
+
+
+def _scalar_info(name: str) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [])
+
+
+def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return onnx.helper.make_node(
+        "Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(array), name), name=name
+    )
 
 
 def _add_sampling_constants(graph: onnx.GraphProto, budget: int) -> None:
@@ -180,7 +372,10 @@ def collect_ranges(
     batches are dealt round-robin to shards whose collector states are merged: the result is the same.
     """
     collector = make_collector(method, collector_settings)
-    augmented = augmented_model(model, names, collector.reductions, sample_per_tensor)
+    augmented, names, inner = _augment(model, names, collector.reductions, sample_per_tensor)
+    exact = frozenset(exact) | inner  # only the extremes come out of a subgraph
+    if not names:  # each was after an op onnxruntime cannot run, or in a subgraph nothing can be read from
+        return {}, hashlib.sha256(f"{method}|[]".encode()).hexdigest()[:16]
     job = _ShardJob(
         augmented.SerializeToString(),
         tuple(input_specs(model)),
@@ -247,7 +442,10 @@ class _ShardJob:
                 ) from None
             it = iter(outputs)
             for name in self.names:
-                collector.update(name, {r: next(it) for r in collector.reductions})
+                reduced = {r: next(it) for r in collector.reductions}
+                if not _computed(reduced):
+                    continue  # a branch not taken, a loop that ran zero times: nothing to learn
+                collector.update(name, reduced)
             count = next(iter(feeds.values())).shape[0] if feeds else 1
             if samples < 4:
                 for value in feeds.values():
@@ -255,6 +453,13 @@ class _ShardJob:
             samples += count
             advance(count)
         return collector, samples, f"{shard}:{digest.hexdigest()}"
+
+
+def _computed(reduced: dict[str, np.ndarray]) -> bool:
+    """False when min > max: the tensor was empty or never computed in this batch."""
+    if "min" not in reduced or "max" not in reduced:
+        return True
+    return bool(np.min(reduced["min"]) <= np.max(reduced["max"]))
 
 
 def _run_shard(job: _ShardJob, data, shard: int, shards: int):  # type: ignore[no-untyped-def]

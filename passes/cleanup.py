@@ -1,4 +1,8 @@
-"""cleanup: remove dead nodes and initializers, sort, and make names unique: the last pass of a recipe."""
+"""cleanup: remove dead nodes and initializers, sort, and make names unique: the last pass of a recipe.
+
+onnx-ir's dead-code pass drops unused initializers of the main graph only; those of If branches and
+Loop/Scan bodies (a float weight whose quantized copy replaced it) are dropped here too.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from onnx_ir.passes.common import (
 
 from onnxq.pass_base import Pass, PassConfig
 
+from ._graph import subgraphs
+
 
 class Cleanup(Pass):
     name = "cleanup"
@@ -21,4 +27,16 @@ class Cleanup(Pass):
         modified = False
         for step in (RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass(), NameFixPass()):
             modified |= step(model).modified
+        modified |= _remove_unused_subgraph_initializers(model.graph) > 0
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _remove_unused_subgraph_initializers(graph: ir.Graph) -> int:
+    removed = 0
+    for sub in subgraphs(graph):
+        signature = {id(v) for v in (*sub.inputs, *sub.outputs)}
+        for name, value in list(sub.initializers.items()):
+            if not value.uses() and id(value) not in signature:
+                del sub.initializers[name]
+                removed += 1
+    return removed

@@ -14,11 +14,20 @@ Placement is what onnxruntime fuses into integer kernels:
   float (a graph input, a float op) is read through the DQ only by the quantized consumers.
 - Parts already in QDQ form (a QAT export, a model quantized before) are left alone: a node that reads a
   DequantizeLinear output, and a value that already feeds a QuantizeLinear, are never quantized again.
+- Subgraphs (If branches, Loop and Scan bodies) stay float by default (`subgraphs: keep`): the main graph
+  is lowered as if they were float readers. With `subgraphs: quantize` each nesting level is lowered
+  after the one enclosing it, with one more calibration pass: a tensor made inside a subgraph is reduced
+  in-graph and carried out through the If/Loop/Scan node's outputs (calibration/session.py), and an
+  outer value that is already quantized is read through a DequantizeLinear copied into the subgraph,
+  since onnxruntime fuses DQ → op → Q only within one graph. A subgraph with a tensor that never ran on
+  the calibration data (a branch not taken) stays float.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -45,7 +54,12 @@ from ._graph import (
     forget_names,
     is_constant,
     iter_values,
+    node_subgraphs,
+    share_names,
+    subgraph_levels,
+    subgraphs,
     unique_name,
+    unique_subgraph_value_names,
 )
 
 NEEDS_OPSET_21 = {"int4", "uint4"}
@@ -73,21 +87,28 @@ class InsertQDQConfig(PassConfig):
         "kernels with float outputs for these; quantizing a residual-stream output only adds error)",
     )
     quantize_bias: bool = Field(True, description="int32 bias (s_x·s_w) for Conv/Gemm, as integer kernels expect")
+    subgraphs: Literal["keep", "quantize"] = Field(
+        "keep",
+        description="ops inside If branches and Loop/Scan bodies: keep them float, or quantize them too "
+        "(their tensors are calibrated through the enclosing node's outputs; a branch that never ran stays float)",
+    )
 
 
 @dataclass
 class _Plan:
     """Activation values to quantize, grouped by shared scale, and which consumers read the DQ."""
 
+    graph: ir.Graph | None = None
     spec: dict[str, QuantSpec] = field(default_factory=dict)
     parent: dict[str, str] = field(default_factory=dict)
+    prequantized: set[str] = field(default_factory=set)  # outer activations read through a local DQ copy
     produced_quantized: set[str] = field(default_factory=set)
     readers: dict[str, set[int]] = field(default_factory=dict)  # value -> ids of quantized consumers
     weight_only: list[tuple[ir.Node, NodeQuant]] = field(default_factory=list)  # input already Q/DQ'd
     bias_only: list[ir.Node] = field(default_factory=list)  # input and weight already Q/DQ'd
 
     def add(self, value: ir.Value, spec: QuantSpec) -> None:
-        if _feeds_quantize(value):
+        if value.name in self.prequantized or _feeds_quantize(value, self.graph):
             return  # rounded already (QAT, an earlier run): rounding twice only adds error
         self.spec.setdefault(value.name, spec)
         self.parent.setdefault(value.name, value.name)
@@ -109,9 +130,13 @@ class _Plan:
         self.readers.setdefault(value.name, set()).add(id(node))
 
 
-def _reads_dequantized(node: ir.Node) -> bool:
+def _reads_dequantized(node: ir.Node, local_copies: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
     return any(
-        v is not None and (p := v.producer()) is not None and p.op_type == "DequantizeLinear" for v in node.inputs
+        v is not None
+        and v.name not in local_copies
+        and (p := v.producer()) is not None
+        and p.op_type == "DequantizeLinear"
+        for v in node.inputs
     )
 
 
@@ -161,8 +186,18 @@ def _existing_qparams(node: ir.Node) -> dict[str, tuple[np.ndarray, np.ndarray, 
     return {q.inputs[0].name: (scale, np.zeros(()), "uint8")}  # type: ignore[union-attr,dict-item]
 
 
-def _feeds_quantize(value: ir.Value) -> bool:
-    return any(use.node.op_type == "QuantizeLinear" for use in value.uses())
+def _feeds_quantize(value: ir.Value, graph: ir.Graph | None = None) -> bool:
+    """Whether a QuantizeLinear (in `graph`, when given) reads the value."""
+    return any(
+        use.node.op_type == "QuantizeLinear" and (graph is None or use.node.graph is graph) for use in value.uses()
+    )
+
+
+def _is_output_of(value: ir.Value) -> bool:
+    """Whether the value is an output of the graph that defines it (not merely of a subgraph that returns
+    an outer value as its own output)."""
+    graph = value.graph
+    return value.is_graph_output() and graph is not None and any(v is value for v in graph.outputs)
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -203,7 +238,41 @@ class InsertQDQ(Pass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opset = default_opset(model)
-        plan, compute_nodes = self._plan(graph)
+        inner = list(subgraphs(graph))
+        if inner and self.config.subgraphs == "quantize":
+            unique_subgraph_value_names(graph)  # a tensor's name is its key in the calibration statistics
+        share_names(graph)
+        self._qparams: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}  # every level's activations
+        modified = self._lower_main(model, opset)
+        if inner and self.config.subgraphs == "quantize":
+            for level in subgraph_levels(graph):
+                modified |= self._lower_subgraphs(model, level, opset)
+        elif inner:
+            kept = sum(
+                _lowerable(get_qspec(n)) and n.op_type in COMPUTE_OPS | OWN_SCALE_OPS and n.domain in ("", "ai.onnx")
+                for g in inner
+                for n in g
+            )
+            if kept:
+                self.context.notes.append(
+                    f"insert_qdq: {_count(kept, 'annotated op')} inside {_count(len(inner), 'subgraph')} "
+                    "(If/Loop/Scan) kept in float (subgraphs: keep)"
+                )
+        if modified:
+            graph.sort()
+        forget_names(graph)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _lower_main(self, model: ir.Model, opset: int) -> bool:
+        graph = model.graph
+        unreachable, blockers = _after_unrunnable_ops(model)
+        plan, compute_nodes = self._plan(graph, unreachable=unreachable)
+        if blockers:
+            kept = sum(1 for n in graph if _lowerable(get_qspec(n)) and any(id(v) in unreachable for v in n.inputs))
+            self.context.notes.append(
+                f"insert_qdq: {_count(kept, 'annotated op')} after {', '.join(blockers)} kept in float "
+                "(onnxruntime cannot run that op, so calibration data cannot reach them)"
+            )
         weight_cache: dict[tuple[str, QuantSpec, int | None], ir.Value] = {}
         for node, spec in plan.weight_only:
             self._quantize_weight_and_bias(graph, node, spec, _existing_qparams(node), weight_cache)
@@ -216,39 +285,92 @@ class InsertQDQ(Pass):
             )
         if not plan.spec:
             if plan.weight_only or biases:
-                graph.sort()
-                return ir.passes.PassResult(model, modified=True)
+                return True
             self.context.notes.append(
                 "insert_qdq: nothing left to quantize (annotated ops are float16, or already in QDQ form)"
             )
-            return ir.passes.PassResult(model, modified=False)
+            return False
         self._check_opset(opset, plan, compute_nodes)
-        values = {v.name: v for v in iter_values(graph) if v.name in plan.spec}  # the activations, by name
-        ranges = self._ranges(model, plan, values)
+        values = _values_named(graph, plan.spec)
+        ranges = self._ranges(model, plan.spec, values)
+        missing = [n for n in plan.spec if n not in ranges]
+        if missing:
+            raise OnnxqError(
+                f"no calibration range for '{missing[0]}' ({len(missing)} in all)",
+                "check that the calibration data reaches every quantized op",
+            )
         qparams = self._group_qparams(plan, ranges)
+        self._qparams.update(qparams)
         self._insert_activation_qdq(graph, plan, qparams, values)
         for node, spec in compute_nodes:
             self._quantize_weight_and_bias(graph, node, spec, qparams, weight_cache)
-        graph.sort()
-        forget_names(graph)
         self.context.notes.append(
             f"insert_qdq: {len(plan.spec)} activations in {len({plan.find(n) for n in plan.spec})} scale groups, "
             f"{len(weight_cache)} weights, {len(compute_nodes)} compute ops"
         )
-        return ir.passes.PassResult(model, modified=True)
+        return True
+
+    def _lower_subgraphs(self, model: ir.Model, level: list[ir.Graph], opset: int) -> bool:
+        """Lower every subgraph of one nesting level with one calibration pass; a subgraph that cannot be
+        calibrated whole (a branch the data never took) is put back as it was and stays float."""
+        planned = []
+        for graph in level:
+            copies = _copy_outer_dequantize(graph)
+            plan, compute = self._plan(graph, set(copies))
+            if not plan.spec and not compute:
+                _undo_copies(graph, copies)
+                continue
+            self._check_opset(opset, plan, compute)
+            planned.append((graph, plan, compute, copies, _values_named(graph, plan.spec)))
+        if not planned:
+            return False
+        wanted = {n: v for *_, values in planned for n, v in values.items()}
+        ranges = self._ranges(model, list(wanted), wanted)
+        activations = weights = ops = 0
+        kept: list[str] = []
+        for graph, plan, compute, copies, values in planned:
+            bad = [n for n in plan.spec if n not in ranges or not _finite(ranges[n])]
+            if bad:
+                _undo_copies(graph, copies)
+                kept.append(bad[0])
+                continue
+            qparams = self._group_qparams(plan, ranges)
+            self._qparams.update(qparams)
+            self._insert_activation_qdq(graph, plan, qparams, values)
+            cache: dict[tuple[str, QuantSpec, int | None], ir.Value] = {}
+            for node, spec in compute:
+                self._quantize_weight_and_bias(graph, node, spec, self._qparams, cache)
+            activations, weights, ops = activations + len(plan.spec), weights + len(cache), ops + len(compute)
+        done = len(planned) - len(kept)
+        if done:
+            self.context.notes.append(
+                f"insert_qdq: {_count(done, 'subgraph')} quantized: {activations} activations, {weights} weights, "
+                f"{ops} compute ops"
+            )
+        if kept:
+            self.context.notes.append(
+                f"insert_qdq: {_count(len(kept), 'subgraph')} kept in float: no calibration range for '{kept[0]}' "
+                "(a branch the calibration data never took, or a body onnxruntime cannot run)"
+            )
+        return done > 0
 
     # --- planning ---------------------------------------------------------------------------------------
 
-    def _plan(self, graph: ir.Graph) -> tuple[_Plan, list[tuple[ir.Node, NodeQuant]]]:
-        plan = _Plan()
+    def _plan(
+        self,
+        graph: ir.Graph,
+        local_copies: set[str] = frozenset(),  # type: ignore[assignment]
+        unreachable: set[int] = frozenset(),  # type: ignore[assignment]
+    ) -> tuple[_Plan, list[tuple[ir.Node, NodeQuant]]]:
+        plan = _Plan(graph=graph, prequantized=set(local_copies))
         compute: list[tuple[ir.Node, NodeQuant]] = []
         for node in graph:  # topological: a shared-scale op sees its producer's decision
             spec = get_qspec(node)
-            if spec is None or spec.skip or spec.activations.is_float or spec.activations.dynamic:
+            if spec is None or not _lowerable(spec):
                 continue  # float, or lowered at run time by quantize_dynamic
-            if node.domain not in ("", "ai.onnx"):
-                continue
-            if _reads_dequantized(node):
+            if node.domain not in ("", "ai.onnx") or any(id(v) in unreachable for v in node.inputs):
+                continue  # a custom op, or after one that calibration cannot run
+            if _reads_dequantized(node, plan.prequantized):
                 if node.op_type in COMPUTE_OPS and _float_weight_behind_rounded_input(node):
                     plan.weight_only.append((node, spec))  # training rounded the input, not the weight
                 elif node.op_type in ("Conv", "Gemm") and self.config.quantize_bias:
@@ -297,7 +419,7 @@ class InsertQDQ(Pass):
         """An op whose inputs training rounded but whose output it did not (Conv → Relu → ReduceMean):
         without an output Q onnxruntime runs it in float, so its output is calibrated and rounded too."""
         out = self._group_output(node)
-        if node.op_type in self.config.float_output_ops or _feeds_quantize(out) or out.is_graph_output():
+        if node.op_type in self.config.float_output_ops or _feeds_quantize(out, plan.graph) or _is_output_of(out):
             return
         if any(use.node.op_type in SHARED_SCALE_OPS for use in out.uses()):
             return  # fold_qat carries the next Q's scale back through data movement instead
@@ -307,7 +429,7 @@ class InsertQDQ(Pass):
     def _group_output(self, node: ir.Node) -> ir.Value:
         """The value whose Q ends the group: the op's output, or that of a Relu/Clip fused after it."""
         out = node.outputs[0]
-        if not self.config.fuse_activations or out.is_graph_output() or len(out.uses()) != 1:
+        if not self.config.fuse_activations or _is_output_of(out) or len(out.uses()) != 1:
             return out
         consumer = next(iter(out.uses())).node
         if consumer.op_type in FUSED_ACTIVATIONS and consumer.domain in ("", "ai.onnx"):
@@ -368,10 +490,11 @@ class InsertQDQ(Pass):
 
     # --- parameters -------------------------------------------------------------------------------------
 
-    def _ranges(self, model: ir.Model, plan: _Plan, values: dict[str, ir.Value]) -> dict[str, TensorRange]:
+    def _ranges(self, model: ir.Model, names: Iterable[str], values: dict[str, ir.Value]) -> dict[str, TensorRange]:
+        """Ranges of constants from their values, of the rest from the calibration data (one pass)."""
         ranges: dict[str, TensorRange] = {}
         to_collect = []
-        for name in plan.spec:
+        for name in names:
             array = constant_array(values.get(name))
             if array is not None:
                 ranges[name] = TensorRange(float(array.min()), float(array.max()))
@@ -379,12 +502,6 @@ class InsertQDQ(Pass):
                 to_collect.append(name)
         exact = [n for n in to_collect if n in values and _clipping_changes_decisions(values[n])]
         ranges.update(self.context.activation_ranges(model, to_collect, exact=exact))
-        missing = [n for n in to_collect if n not in ranges]
-        if missing:
-            raise OnnxqError(
-                f"no calibration range for '{missing[0]}' ({len(missing)} in all)",
-                "check that the calibration data reaches every quantized op",
-            )
         return ranges
 
     def _group_qparams(
@@ -441,7 +558,7 @@ class InsertQDQ(Pass):
                 continue
             if produced_quantized or id(use.node) in readers:
                 use.node.replace_input_with(use.idx, dq_out)
-        if produced_quantized and value.is_graph_output():
+        if produced_quantized and _is_output_of(value):
             graph = value.graph
             assert graph is not None
             outputs = graph.outputs
@@ -549,9 +666,116 @@ def _clipping_changes_decisions(value: ir.Value) -> bool:
     return value.is_graph_output() or any(use.node.op_type in _DECIDING_OPS for use in value.uses())
 
 
-def _reaches_quantized_op(value: ir.Value, depth: int = 8) -> bool:
-    """Whether an annotated compute or own-scale op reads `value`, looking through data-movement ops."""
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _lowerable(spec: NodeQuant | None) -> bool:
+    return spec is not None and not spec.skip and not spec.activations.is_float and not spec.activations.dynamic
+
+
+def _finite(found: TensorRange) -> bool:
+    return bool(np.isfinite(found.min) and np.isfinite(found.max))
+
+
+def _after_unrunnable_ops(model: ir.Model) -> tuple[set[int], list[str]]:
+    """Ids of the main-graph values computed from ops onnxruntime cannot run (a custom domain without its
+    kernel library), which calibration therefore cannot measure, and labels of those ops."""
+    from onnxq.calibration.session import onnxruntime_has_op
+
+    functions = {(domain, name) for domain, name, _ in model.functions}
+
+    def runnable(node: ir.Node) -> bool:
+        return (node.domain, node.op_type) in functions or onnxruntime_has_op(node.domain, node.op_type)
+
+    lost: set[int] = set()
+    blockers: dict[str, int] = {}
+    for node in model.graph:
+        inner = [n for sub in node_subgraphs(node) for n in ir.traversal.RecursiveGraphIterator(sub)]
+        bad = [n for n in (node, *inner) if not runnable(n)]
+        reads = [v for n in (node, *inner) for v in n.inputs if v is not None]
+        if bad or any(id(v) in lost for v in reads):
+            lost.update(id(v) for v in node.outputs)
+        for n in bad:
+            label = f"{n.domain}::{n.op_type}" if n.domain else n.op_type
+            blockers[label] = blockers.get(label, 0) + 1
+    return lost, [f"{label}×{count}" for label, count in blockers.items()]
+
+
+def _values_named(graph: ir.Graph, names: Iterable[str]) -> dict[str, ir.Value]:
+    """The graph's values by name, with the outer-scope values its nodes read (a subgraph reads those)."""
+    wanted = set(names)
+    found = {v.name: v for v in iter_values(graph) if v.name in wanted}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value.name in wanted:
+                found.setdefault(value.name, value)
+    return found
+
+
+def _outer_dequantize(value: ir.Value) -> ir.Node | None:
+    """The DequantizeLinear of an activation Q → DQ pair in the enclosing graph that stands for `value`:
+    its producer, or the DQ behind a QuantizeLinear that reads it."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        source = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+        return producer if source is not None and source.op_type == "QuantizeLinear" else None
     for use in value.uses():
+        q = use.node
+        if q.op_type != "QuantizeLinear" or q.graph is not value.graph or use.idx != 0:
+            continue
+        for q_use in q.outputs[0].uses():
+            dq = q_use.node
+            if dq.op_type == "DequantizeLinear" and dq.graph is q.graph and list(dq.inputs[1:]) == list(q.inputs[1:]):
+                return dq
+    return None
+
+
+def _copy_outer_dequantize(graph: ir.Graph) -> dict[str, tuple[ir.Node, ir.Value]]:
+    """Give this subgraph its own DequantizeLinear for each quantized outer activation that one of its
+    annotated compute ops reads: onnxruntime fuses DQ → op → Q only when all of it is in one graph.
+    Returns {copy's output name: (the copy, the outer value it replaces)}."""
+    copies: dict[str, tuple[ir.Node, ir.Value]] = {}
+    made: dict[int, ir.Value] = {}
+    for node in list(graph):
+        if node.op_type not in COMPUTE_OPS or node.domain not in ("", "ai.onnx") or not _lowerable(get_qspec(node)):
+            continue
+        for index, value in enumerate(node.inputs[:2]):
+            if value is None or value.graph is graph or is_constant(value):
+                continue
+            local = made.get(id(value))
+            if local is None:
+                source = _outer_dequantize(value)
+                if source is None:
+                    continue
+                copy = ir.node(
+                    "DequantizeLinear",
+                    list(source.inputs),
+                    attributes={k: a.value for k, a in source.attributes.items()},
+                    name=unique_name(graph, f"{value.name}_local_DequantizeLinear"),
+                )
+                local = copy.outputs[0]
+                local.name = unique_name(graph, f"{value.name}_local")
+                local.dtype, local.shape = ir.DataType.FLOAT, value.shape
+                graph.insert_before(node, copy)
+                made[id(value)] = local
+                copies[local.name] = (copy, value)
+            node.replace_input_with(index, local)
+    return copies
+
+
+def _undo_copies(graph: ir.Graph, copies: dict[str, tuple[ir.Node, ir.Value]]) -> None:
+    for copy, outer in copies.values():
+        copy.outputs[0].replace_all_uses_with(outer)
+        graph.remove(copy, safe=True)
+
+
+def _reaches_quantized_op(value: ir.Value, depth: int = 8) -> bool:
+    """Whether an annotated compute or own-scale op of the same graph reads `value`, looking through
+    data-movement ops (a subgraph quantizes what it reads itself, or keeps it float)."""
+    for use in value.uses():
+        if use.node.graph is not value.graph:
+            continue
         spec = get_qspec(use.node)
         if spec is None or spec.skip or spec.activations.is_float or spec.activations.dynamic:
             continue

@@ -188,3 +188,250 @@ def box_score_head(seed: int = 0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7
     return model
+
+
+# --- models as they come from the wild: subgraphs, old and new opsets, custom ops -------------------------
+
+
+def _checked(graph: onnx.GraphProto, opset: int, domains: tuple[str, ...] = ()) -> onnx.ModelProto:
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), *(helper.make_opsetid(d, 1) for d in domains)]
+    )
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if not domains:
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _matrix(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
+    return (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+
+
+def if_model(opset: int = 13, dim: int = 16, seed: int = 0, same_names: bool = False) -> onnx.ModelProto:
+    """y = x·W0·W3 in the main graph, and an If on sum(x) > 0 whose branches read x directly and return
+    `branch` (then: Relu(x·Wt)·Wt2, else: Relu(x·We)·We2): a model output computed only inside subgraphs,
+    each branch with a tensor of its own to calibrate. With `same_names` both branches name their tensors
+    alike (ONNX allows that in sibling scopes)."""
+    rng = np.random.default_rng(seed)
+    vi = helper.make_tensor_value_info
+
+    def branch(tag: str, scale: float) -> onnx.GraphProto:
+        prefix = "" if same_names else f"{tag}_"
+        return helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", f"w_{tag}"], [f"{prefix}mm"], name=f"{tag}_matmul"),
+                helper.make_node("Relu", [f"{prefix}mm"], [f"{prefix}hidden"], name=f"{tag}_relu"),
+                helper.make_node("MatMul", [f"{prefix}hidden", f"w2_{tag}"], [f"{prefix}out"], name=f"{tag}_matmul2"),
+            ],
+            tag,
+            [],
+            [vi(f"{prefix}out", TensorProto.FLOAT, None)],
+            initializer=[
+                _init(f"w_{tag}", _matrix(rng, dim, dim) * np.float32(scale)),
+                _init(f"w2_{tag}", _matrix(rng, dim, dim)),
+            ],
+        )
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"], name="matmul0"),
+        helper.make_node("MatMul", ["h", "w3"], ["y"], name="matmul3"),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0, name="total"),
+        helper.make_node("Greater", ["total", "zero"], ["positive"], name="positive"),
+        helper.make_node(
+            "If", ["positive"], ["branch"], then_branch=branch("then", 1.0), else_branch=branch("else", 4.0), name="if"
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if_model",
+        [vi("x", TensorProto.FLOAT, ["batch", dim])],
+        [vi("y", TensorProto.FLOAT, ["batch", dim]), vi("branch", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[
+            _init("w0", _matrix(rng, dim, dim)),
+            _init("w3", _matrix(rng, dim, dim)),
+            _init("zero", np.array(0.0, np.float32)),
+        ],
+    )
+    return _checked(graph, opset)
+
+
+def loop_model(
+    opset: int = 13, dim: int = 16, seed: int = 0, nested_if: bool = False, custom_op: bool = False
+) -> onnx.ModelProto:
+    """h = x·W0; a Loop carries s (from h) through Tanh(s·Wb) 3 times, or 0 times when max(x) ≤ 0; y = s·W3.
+    With `nested_if` the body's MatMul sits in an If (on mean(x) > 0.5, from the main graph) instead; with
+    `custom_op` a com.example::MyOp follows the Tanh in the body."""
+    rng = np.random.default_rng(seed)
+    vi = helper.make_tensor_value_info
+    if nested_if:
+        branches = [
+            helper.make_graph(
+                [helper.make_node("MatMul", ["s_in", f"w_{tag}"], [f"{tag}_out"], name=f"{tag}_matmul")],
+                tag,
+                [],
+                [vi(f"{tag}_out", TensorProto.FLOAT, None)],
+                initializer=[_init(f"w_{tag}", _matrix(rng, dim, dim))],
+            )
+            for tag in ("then", "else")
+        ]
+        step = [
+            helper.make_node("If", ["high"], ["m"], then_branch=branches[0], else_branch=branches[1], name="body_if")
+        ]
+        body_inits = []
+    else:
+        step = [helper.make_node("MatMul", ["s_in", "w_body"], ["m"], name="body_matmul")]
+        body_inits = [_init("w_body", _matrix(rng, dim, dim))]
+    body = helper.make_graph(
+        [
+            *step,
+            helper.make_node("Tanh", ["m"], ["t" if custom_op else "s_out"], name="body_tanh"),
+            *([helper.make_node("MyOp", ["t"], ["s_out"], domain="com.example", name="custom")] if custom_op else []),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+        ],
+        "body",
+        [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []), vi("s_in", TensorProto.FLOAT, None)],
+        [vi("cond_out", TensorProto.BOOL, []), vi("s_out", TensorProto.FLOAT, None)],
+        initializer=body_inits,
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"], name="matmul0"),
+        helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0, name="peak"),
+        helper.make_node("Greater", ["peak", "zero"], ["any_positive"], name="any_positive"),
+        helper.make_node("Cast", ["any_positive"], ["runs"], to=TensorProto.INT64, name="runs"),
+        helper.make_node("Mul", ["runs", "three"], ["trips"], name="trips"),
+        *(
+            [
+                helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0, name="mean"),
+                helper.make_node("Greater", ["mean", "half"], ["high"], name="high"),
+            ]
+            if nested_if
+            else []
+        ),
+        helper.make_node("Loop", ["trips", "true", "h"], ["s_final"], body=body, name="loop"),
+        helper.make_node("MatMul", ["s_final", "w3"], ["y"], name="matmul3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "loop_model",
+        [vi("x", TensorProto.FLOAT, ["batch", dim])],
+        [vi("y", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[
+            _init("w0", _matrix(rng, dim, dim)),
+            _init("w3", _matrix(rng, dim, dim)),
+            _init("zero", np.array(0.0, np.float32)),
+            *([_init("half", np.array(0.5, np.float32))] if nested_if else []),
+            _init("three", np.array(3, np.int64)),
+            _init("true", np.array(True)),
+        ],
+    )
+    return _checked(graph, opset, ("com.example",) if custom_op else ())
+
+
+def scan_model(opset: int = 13, dim: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """An RNN as a Scan over the sequence axis of e = x·W0: h_t = Tanh(e_t·Wx + h_{t-1}·Wh); y = hs·W3."""
+    rng = np.random.default_rng(seed)
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["e_t", "wx"], ["a"], name="scan_matmul_x"),
+            helper.make_node("MatMul", ["h_in", "wh"], ["b"], name="scan_matmul_h"),
+            helper.make_node("Add", ["a", "b"], ["pre"], name="scan_add"),
+            helper.make_node("Tanh", ["pre"], ["h_out"], name="scan_tanh"),
+            helper.make_node("Identity", ["h_out"], ["h_t"], name="scan_emit"),
+        ],
+        "body",
+        [vi("h_in", TensorProto.FLOAT, None), vi("e_t", TensorProto.FLOAT, None)],
+        [vi("h_out", TensorProto.FLOAT, None), vi("h_t", TensorProto.FLOAT, None)],
+        initializer=[_init("wx", _matrix(rng, dim, dim)), _init("wh", _matrix(rng, dim, dim))],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["e"], name="matmul0"),
+        helper.make_node(
+            "Scan",
+            ["h0", "e"],
+            ["h_last", "hs"],
+            body=body,
+            num_scan_inputs=1,
+            scan_input_axes=[1],
+            scan_output_axes=[1],
+            name="scan",
+        ),
+        helper.make_node("MatMul", ["hs", "w3"], ["y"], name="matmul3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scan_model",
+        [vi("x", TensorProto.FLOAT, ["batch", "seq", dim]), vi("h0", TensorProto.FLOAT, ["batch", dim])],
+        [vi("y", TensorProto.FLOAT, ["batch", "seq", dim]), vi("h_last", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[_init("w0", _matrix(rng, dim, dim)), _init("w3", _matrix(rng, dim, dim))],
+    )
+    return _checked(graph, opset)
+
+
+def conv_matmul(
+    opset: int = 13,
+    seed: int = 0,
+    weights_as_constants: bool = False,
+    channels: int = 8,
+    classes: int = 10,
+    spatial: tuple[int | str, int | str] = (8, 8),
+) -> onnx.ModelProto:
+    """Conv+Relu → GlobalAveragePool → Flatten → MatMul+Add on [N, 3, H, W], written with ops every opset
+    from 10 has; the weights in initializers, or in Constant nodes as older exporters (and PP-OCR) write them."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    weights = {
+        "wc": rng.normal(0, 0.3, (channels, 3, 3, 3)).astype(f32),
+        "bc": rng.normal(0, 0.1, channels).astype(f32),
+        "wm": _matrix(rng, channels, classes),
+        "bm": rng.normal(0, 0.1, classes).astype(f32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "wm"], ["m"], name="matmul"),
+        helper.make_node("Add", ["m", "bm"], ["y"], name="bias"),
+    ]
+    initializers = [_init(k, v) for k, v in weights.items()]
+    if weights_as_constants:
+        constants = [
+            helper.make_node("Constant", [], [k], value=t, name=f"const_{k}")
+            for k, t in zip(weights, initializers, strict=True)
+        ]
+        nodes, initializers = constants + nodes, []
+    graph = helper.make_graph(
+        nodes,
+        "conv_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, *spatial])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
+        initializer=initializers,
+    )
+    return _checked(graph, opset)
+
+
+def custom_op_model(domain: str = "com.example", op_type: str = "MyOp") -> onnx.ModelProto:
+    """Conv → an op outside the ONNX standard → Conv → Reshape → MatMul (the custom op is unary)."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    nodes = [
+        helper.make_node("Conv", ["x", "wc"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node(op_type, ["c"], ["u"], domain=domain, name="custom"),
+        helper.make_node("Conv", ["u", "wc2"], ["c2"], name="conv2"),
+        helper.make_node("Reshape", ["c2", "flat"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "wm"], ["y"], name="matmul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "custom_op_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=[
+            _init("wc", rng.normal(0, 0.3, (8, 3, 3, 3)).astype(f32)),
+            _init("wc2", _matrix(rng, 8, 8).reshape(8, 8, 1, 1)),
+            _init("flat", np.array([-1, 512], np.int64)),
+            _init("wm", _matrix(rng, 512, 10)),
+        ],
+    )
+    return _checked(graph, 13, (domain,))
