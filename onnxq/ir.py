@@ -1,15 +1,18 @@
 """Model I/O through onnx-ir: loading with lazy external data, saving atomically with a valid IR version.
 
 onnx 1.23 stamps IR version 14, which onnxruntime 1.31 refuses, so every save goes through `save`, which
-writes the lowest IR version the model's opsets allow. Outputs are written to a temporary file beside the
+writes the lowest IR version the model's opsets allow. Outputs are written to a temporary folder beside the
 target and renamed, so a failure never leaves a half-written model, and the input is never written.
+
+Models over 2 GB keep their weights in external data files: `load` maps them lazily, passes read one weight
+at a time, and `save` copies the ones left in float tensor by tensor into the output's own data file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,8 +44,9 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 
 def _check_structure(path: Path) -> None:
-    """onnx.checker on the file (it streams models over 2 GB): a graph that reads a value nothing
-    produces, or nodes out of order, must be a clear error here, not a crash three passes later."""
+    """onnx.checker on the file: a graph that reads a value nothing produces, or nodes out of order, must be
+    a clear error here, not a crash three passes later. Given a path, the checker parses the .onnx alone
+    and only checks that external data files exist: it reads no external weight (8 MB on a 2.2 GiB model)."""
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
@@ -56,6 +60,11 @@ def _check_structure(path: Path) -> None:
             ) from None
         if "is not a registered" in reason or "No Op registered" in reason or "IR version" in reason:
             return  # unknown ops and new IR stamps are handled later (kept in float, IR fixed)
+        if "should be stored in" in reason:
+            raise UsageError(
+                f"'{path.name}' keeps weights in an external data file that is missing: {reason[:200]}",
+                "copy the model's .data file(s) into the same folder as the .onnx file",
+            ) from None
         raise UsageError(
             f"'{path.name}' fails onnx.checker: {reason[:200]}",
             "re-export the model, or repair it (e.g. with onnx-graphsurgeon) so every input is produced",
@@ -100,8 +109,21 @@ def model_bytes(model: ir.Model) -> bytes:
     return to_proto(model).SerializeToString()
 
 
-def save(model: ir.Model, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
-    """Write `model` to `path` atomically; refuse to overwrite `source` (the input model)."""
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write `model` to `path` atomically; refuse to overwrite `source` (the input model).
+
+    Weights go to `<path>.data` beside it when they reach 2 GB (protobuf's limit), when some still live in
+    an external data file (the input's: copied tensor by tensor, never loaded, so the output does not
+    depend on the input's files), or in shards of at most `max_shard_bytes` (`<stem>-00001-of-0000N.<ext>`;
+    shards of an earlier save with another count are left alone). The proto is then written without
+    weights, so saving never builds a proto the size of the model. Everything is written into a temporary
+    folder beside `path` and renamed into place, data files first."""
     path = Path(path)
     if source is not None and path.resolve() == Path(source).resolve():
         raise UsageError(
@@ -113,40 +135,63 @@ def save(model: ir.Model, path: str | os.PathLike, *, source: str | os.PathLike 
     if not os.access(folder, os.W_OK):
         raise UsageError(f"output folder '{folder}' is not writable", "choose another -o path")
     fix_ir_version(model)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    data_name = f"{path.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
-        if _total_weight_bytes(model) >= TWO_GB:
-            # External data: written under a temp name, renamed with the model, referenced by final name.
-            tmp_data = folder / f".{data_name}.tmp"
-            ir.save(model, tmp, external_data=tmp_data.name)
-            _retarget_external_data(tmp, tmp_data.name, data_name)
-            os.replace(tmp_data, folder / data_name)
+        if max_shard_bytes is not None or _total_weight_bytes(model) >= TWO_GB or _external_tensors(model):
+            ir.save(model, staging / path.name, external_data=f"{path.name}.data", max_shard_size_bytes=max_shard_bytes)
         else:
-            ir.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+            ir.save(model, staging / path.name)
+        written = sorted(p.name for p in staging.iterdir() if p.name != path.name)
+        replaced = {(folder / name).resolve() for name in written}
+        for tensor in _external_tensors(model):
+            if Path(tensor.path).resolve() in replaced:  # its file is about to change under it: fail, never misread
+                tensor.release()
+                tensor.invalidate()
+        for name in written:
+            os.replace(staging / name, folder / name)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
 def _total_weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return sum(
+        v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None
+    )
 
 
-def _retarget_external_data(model_path: Path, old: str, new: str) -> None:
-    proto = onnx.load(model_path, load_external_data=False)
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    onnx.save(proto, model_path)
+def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    return [
+        v.const_value
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    ]
 
 
 def model_fingerprint(model: ir.Model) -> str:
-    """Fingerprint of the graph structure and weights as they are now (stats are only valid for this)."""
-    return hashlib.sha256(to_proto(model).SerializeToString(deterministic=True)).hexdigest()[:16]
+    """Fingerprint of the graph structure and weights as they are now (stats are only valid for this).
+
+    Streamed: nodes, inputs and outputs are hashed one by one, then each weight on its own; a weight still
+    in an external data file by reference (file, offset, length, and the file's size and modification
+    time), without reading it. Serializing the whole model would need its size in memory, and fails over
+    2 GB. Weights of subgraphs are hashed with their node."""
+    digest = hashlib.sha256(repr((model.ir_version, sorted(model.opset_imports.items()))).encode())
+    graph = model.graph
+    for value in (*graph.inputs, *graph.outputs):
+        digest.update(ir.serde.serialize_value(value).SerializeToString(deterministic=True))
+    for node in graph:
+        digest.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
+    for function in model.functions.values():
+        digest.update(ir.serde.serialize_function(function).SerializeToString(deterministic=True))
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        digest.update(f"{name}\0{value.is_graph_input()}".encode())
+        if isinstance(tensor, ir.ExternalTensor):
+            stat = Path(tensor.path).stat()
+            digest.update(f"{tensor.path}:{tensor.offset}:{tensor.length}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        elif tensor is not None:
+            digest.update(f"{tensor.dtype}{tensor.shape}".encode())
+            digest.update(tensor.tobytes())
+    return digest.hexdigest()[:16]

@@ -119,6 +119,8 @@ class ToMatMulNBits(Pass):
                 packed[id(dq)] = constants
                 with_bias += self._replace(graph, node, constants)
                 converted += 1
+                if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
+                    _remove_dead(graph, [dq], [])  # drop its codes now: on a big model they add up
             except _Skip as why:
                 skipped.setdefault(f"DequantizeLinear→{node.op_type}: {why}", []).append(_label(node))
         _note_skipped(self.context.notes, self.name, skipped)
@@ -163,7 +165,6 @@ class ToMatMulNBits(Pass):
                 raise _Skip("zero point is not a constant [⌈K/block⌉, N] tensor")
 
         offset = packing.default_zero_point(bits) if signed else 0
-        codes = (weight.astype(np.int16) + offset).astype(np.uint8)
         if zero is not None:
             zero_u = (zero.astype(np.int16) + offset).astype(np.uint8)
         else:
@@ -175,7 +176,7 @@ class ToMatMulNBits(Pass):
         ):
             zero_u = None
         base = dq.inputs[0].name or dq.name or "weight"
-        b = add_initializer(graph, f"{base}_nbits", packing.pack_weight(codes, bits, block_size))
+        b = add_initializer(graph, f"{base}_nbits", _pack_columns(weight, offset, bits, block_size))
         scales = add_initializer(graph, f"{base}_nbits_scales", np.ascontiguousarray(scale.T))
         zero_value = None
         if zero_u is not None:
@@ -337,6 +338,20 @@ def _note_skipped(notes: list[str], pass_name: str, skipped: dict[str, list[str]
     for reason, names in skipped.items():
         shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
         notes.append(f"{pass_name}: kept {len(names)} {reason} ({shown})")
+
+
+def _pack_columns(
+    weight: np.ndarray, offset: int, bits: int, block_size: int, chunk_values: int = 1 << 22
+) -> np.ndarray:
+    """B of DequantizeLinear codes [K, N] (plus `offset`, making them unsigned), a slice of columns at a time:
+    packing expands every code to 8 bytes on the way, ~1 GB at once for a 2048 × 32000 LM head."""
+    k, n = weight.shape
+    step = max(1, chunk_values // max(k, 1))
+    packed = np.empty((n, packing.k_blocks(k, block_size), packing.blob_size(block_size, bits)), np.uint8)
+    for start in range(0, n, step):
+        codes = (weight[:, start : start + step].astype(np.int16) + offset).astype(np.uint8)
+        packed[start : start + step] = packing.pack_weight(codes, bits, block_size)
+    return packed
 
 
 def _scale_array(value: ir.Value | None) -> np.ndarray | None:

@@ -16,6 +16,7 @@ and AWQ read E[x xᵀ] of each weight's input, collected in onnxruntime in group
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,6 +59,12 @@ class _Target:
     spec: QuantSpec
     bias: np.ndarray | None = None  # from a Gemm
     readers: list[ir.Node] = field(default_factory=list)
+    source: ir.Value | None = None  # the float weight initializer
+
+    def release(self) -> None:
+        """Forget the float weight once it is lowered (see `_unmap`)."""
+        self.weight = _RELEASED
+        _unmap(self.source)
 
 
 class QuantizeWeights(Pass):
@@ -98,6 +105,7 @@ class QuantizeWeights(Pass):
                     scaled += did_scale
                 for target in group:
                     self._lower(graph, target, hessian)
+                    target.release()
         graph.sort()
         forget_names(graph)
         algorithm = self.config.algorithm + (" + AWQ scaling" if self.config.awq else "")
@@ -125,7 +133,7 @@ class QuantizeWeights(Pass):
                 self.context.notes.append(f"quantize_weights: kept {node.name} in float (weight not a constant 2-D B)")
                 continue
             weight, bias = target
-            found.append(_Target(node, weight, spec.weights, bias))
+            found.append(_Target(node, weight, spec.weights, bias, source=node.inputs[1]))
         return found
 
     def _awq(self, graph: ir.Graph, group: list[_Target], hessian: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -206,7 +214,10 @@ class QuantizeWeights(Pass):
             domain="com.microsoft",
             name=node.name,
         )
+        source = node.inputs[0]
         ir.convenience.replace_nodes_and_values(graph, node, [node], [gather], node.outputs, gather.outputs)
+        del table
+        _unmap(source)
         return 1
 
     def _scale_value(self, graph: ir.Graph, base: str, scale: np.ndarray, before: ir.Node) -> ir.Value:
@@ -227,6 +238,19 @@ class QuantizeWeights(Pass):
         dq.outputs[0].shape = ir.Shape(scale.shape)
         graph.insert_before(before, dq)
         return dq.outputs[0]
+
+
+_RELEASED = np.empty((0, 0), np.float32)
+
+
+def _unmap(value: ir.Value | None) -> None:
+    """Close the memory map of a weight that lives in an external data file, once read. Pages of a mapped
+    file that were touched count in RSS until unmapped: kept, they would hold the whole input model in
+    memory by the end of the pass. The tensor maps the file again if anything reads it later."""
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # someone still holds a view: its pages stay, nothing breaks
+            tensor.release()
 
 
 def _as_matmul_weight(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
