@@ -210,3 +210,26 @@ def test_dry_run_prints_the_plan_and_a_low_budget_is_a_one_line_error(cnn: tuple
     assert len(lines) == 1 and "below the cheapest configuration" in lines[0], low.stderr
     assert "Traceback" not in low.stderr
     assert not (tmp_path / "never.onnx").exists()
+
+
+def test_int16_activation_candidate_loses_less_than_int8_and_lowers_to_uint16(
+    block: tuple[Path, Path], tmp_path: Path
+) -> None:
+    source, calib = block
+    mixed = {"candidates": ["int16", "int8"], "objective": "bitops", "budget": 0.1}
+    result = onnxq.run(source, _recipe(mixed, opset=21), calib=str(calib), output=tmp_path / "i16.onnx")
+    report = result.artifacts["mixed_precision"]
+    # same int8 weights; o_proj reads the attention MatMul's int8 output either way (not a group: no weight)
+    pairs = [(g["options"]["int16"]["loss"], g["options"]["int8"]["loss"]) for g in report["groups"]]
+    assert all(a <= b for a, b in pairs)
+    assert sum(a < b / 2 for a, b in pairs) >= 3
+    choices = [g["choice"] for g in report["groups"]]
+    assert "int16" in choices and "int8" in choices
+    proto = onnx.load(result.output)
+    zero_types = {t.name: t.data_type for t in proto.graph.initializer}
+    q_types = [
+        zero_types.get(n.input[2]) for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+    ]
+    assert onnx.TensorProto.UINT16 in q_types and onnx.TensorProto.UINT8 in q_types
+    x = np.load(calib)["x"]
+    assert sqnr_db(_outputs(source, x), _outputs(result.output, x)) > 25
