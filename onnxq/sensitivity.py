@@ -99,6 +99,10 @@ class _Job:
     metric: Callable[..., float] | str | None
     threads: int
 
+    def score(self, changes: dict[int, NodeQuant | None]) -> Scores:
+        """The base configuration with `changes`, lowered and measured."""
+        return score(lower(self.model, {**self.base, **changes}, self.ranges), self)
+
 
 _JOB: _Job | None = None
 
@@ -181,7 +185,7 @@ def _kl_rows(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
 
 def _score_variant(changes: dict[int, NodeQuant | None]) -> Scores:
     assert _JOB is not None, "worker not initialised"
-    return score(lower(_JOB.model, {**_JOB.base, **changes}, _JOB.ranges), _JOB)
+    return _JOB.score(changes)
 
 
 @dataclass
@@ -221,7 +225,7 @@ class Evaluator:
 
     def one(self, changes: dict[int, NodeQuant | None]) -> Scores:
         assert self._job is not None
-        return score(lower(self.model, {**self.base, **changes}, self.ranges), self._job)
+        return self._job.score(changes)
 
     def many(
         self, variants: list[dict[int, NodeQuant | None]], advance: Callable[[int], None] = lambda _n: None
@@ -249,7 +253,7 @@ class Evaluator:
 
 
 def _score_with(job: _Job, changes: dict[int, NodeQuant | None]) -> Scores:
-    return score(lower(job.model, {**job.base, **changes}, job.ranges), job)
+    return job.score(changes)
 
 
 def _bounded(

@@ -29,13 +29,17 @@ def run(model: ir.Model | onnx.ModelProto | Path | str, feeds: dict[str, np.ndar
     return session.run(None, feeds)
 
 
-def optimized_op_counts(model: ir.Model | onnx.ModelProto | Path | str) -> collections.Counter[str]:
-    """Op types of the graph onnxruntime actually executes on CPU (after its QDQ fusions)."""
+def optimized_model(model: ir.Model | onnx.ModelProto | Path | str) -> onnx.ModelProto:
+    """The graph onnxruntime actually executes on CPU (after its QDQ fusions), subgraphs included."""
     with tempfile.TemporaryDirectory() as folder:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
         ort.InferenceSession(as_bytes(model), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
-    return collections.Counter(n.op_type for n in optimized.graph.node)
+        return onnx.load(options.optimized_model_filepath)
+
+
+def optimized_op_counts(model: ir.Model | onnx.ModelProto | Path | str) -> collections.Counter[str]:
+    """Op types of the main graph onnxruntime executes on CPU."""
+    return collections.Counter(n.op_type for n in optimized_model(model).graph.node)

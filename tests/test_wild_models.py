@@ -4,7 +4,6 @@ symbolic dims, weights in Constant nodes. Every output is loaded by onnx.checker
 from __future__ import annotations
 
 import collections
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from builders import conv_matmul, custom_op_model, if_model, loop_model, scan_model, tiny_transformer, transformer_data
+from ort_util import optimized_model
 
 import onnxq
 from onnxq.qmath import sqnr_db
@@ -34,17 +34,6 @@ def subgraph_ops(graph: onnx.GraphProto, path: str = "") -> collections.Counter[
 
 def main_ops(path: Path | str) -> collections.Counter[str]:
     return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-
-
-def optimized(path: Path) -> onnx.ModelProto:
-    """The graph onnxruntime runs on CPU, subgraphs included, after its QDQ fusions."""
-    with tempfile.TemporaryDirectory() as folder:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return onnx.load(options.optimized_model_filepath)
 
 
 def run_each(path: Path | str, feeds: Feeds) -> list[np.ndarray]:
@@ -177,7 +166,7 @@ def test_subgraphs_quantize_into_integer_kernels_inside_the_subgraph(tmp_path: P
     source, output, result = quantize(tmp_path, build(), data(24, 0), sets=("passes.insert_qdq.subgraphs=quantize",))
     layout, kernels = QUANTIZED_SUBGRAPHS[kind]
     assert subgraph_ops(onnx.load(str(output)).graph) == layout
-    fused = subgraph_ops(optimized(output).graph)
+    fused = subgraph_ops(optimized_model(output).graph)
     assert {k: fused[k] for k in kernels} == kernels
     assert any("quantized:" in note and "subgraph" in note for note in result.notes)
     feeds = data(12, 1)
@@ -341,7 +330,7 @@ def test_a_contrib_op_stays_float_and_the_model_runs_in_onnxruntime(tmp_path: Pa
     assert "assign_precision: 1 op outside the ONNX standard kept in float: com.microsoft::Gelu×1" in result.notes
     ops = main_ops(output)
     assert (ops["Gelu"], ops["QuantizeLinear"], ops["Conv"], ops["MatMul"]) == (1, 5, 2, 1)  # x, c, u, c2, f
-    fused = main_ops_of(optimized(output))
+    fused = main_ops_of(optimized_model(output))
     assert (fused["QLinearConv"], fused["MatMulIntegerToFloat"]) == (2, 1)
     feeds = {"x": np.random.default_rng(1).uniform(0, 1, (8, 3, 8, 8)).astype(np.float32)}
     (reference,), (quantized,) = run_each(source, feeds), run_each(output, feeds)
