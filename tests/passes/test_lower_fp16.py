@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from builders import float_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -22,23 +23,6 @@ from onnxq.qspec import NodeQuant, QuantSpec, get_qspec, set_qspec
 
 FP16 = NodeQuant(activations=QuantSpec(dtype="fp16"), weights=QuantSpec(dtype="fp16"))
 F32 = np.float32
-
-
-def _model(
-    nodes: list[onnx.NodeProto],
-    inits: dict[str, np.ndarray],
-    inputs: dict[str, list],
-    outputs: dict[str, list],
-    opset: int = 13,
-) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, s) for k, s in inputs.items()],
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, s) for k, s in outputs.items()],
-        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def conv_chain(opset: int = 13, seed: int = 0) -> onnx.ModelProto:
@@ -56,7 +40,7 @@ def conv_chain(opset: int = 13, seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
         helper.make_node("MatMul", ["c2", "w3"], ["y"], name="matmul"),
     ]
-    return _model(nodes, inits, {"x": ["N", 3, 8, 8]}, {"y": ["N", 16, 8, 64]}, opset)
+    return float_model(nodes, {"x": ["N", 3, 8, 8]}, {"y": ["N", 16, 8, 64]}, inits, opset)
 
 
 def lower(proto: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[ir.Model, list[str]]:
@@ -147,7 +131,7 @@ def test_constant_node_weights_become_shared_fp16_initializers_and_clip_bounds_c
         helper.make_node("Clip", ["a", "lo", "hi"], ["c"], name="clip"),
         helper.make_node("MatMul", ["c", "w"], ["y"], name="mm2"),
     ]
-    proto = _model(nodes, {}, {"x": [2, 16]}, {"y": [2, 16]})
+    proto = float_model(nodes, {"x": [2, 16]}, {"y": [2, 16]}, {})
     model, notes = lower(proto)
     assert ops(model) == Counter({"MatMul": 2, "Clip": 1, "Cast": 2})  # the Constant nodes are gone
     assert {k: v.dtype for k, v in model.graph.initializers.items()} == dict.fromkeys(
@@ -171,7 +155,7 @@ def test_value_read_by_fp16_node_and_graph_output_stays_fp32_under_its_name() ->
         helper.make_node("MatMul", ["a", "w1"], ["h"], name="mm1"),
         helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"),
     ]
-    proto = _model(nodes, inits, {"x": [3, 8]}, {"a": [3, 8], "h": [3, 8], "y": [3, 8]})
+    proto = float_model(nodes, {"x": [3, 8]}, {"a": [3, 8], "h": [3, 8], "y": [3, 8]}, inits)
     model, _ = lower(proto, ["mm1", "mm2"])
     assert [(v.name, v.dtype) for v in model.graph.outputs] == [(k, ir.DataType.FLOAT) for k in ("a", "h", "y")]
     assert [v.producer().op_type for v in model.graph.outputs] == ["Add", "Cast", "Cast"]
@@ -198,7 +182,7 @@ def test_annotated_ops_without_fp16_lowering_stay_fp32_and_are_noted() -> None:
         helper.make_node("Resize", ["e", "roi", "scales"], ["r"], name="resize"),
         helper.make_node("Reshape", ["r", "shape"], ["y"], name="reshape"),
     ]
-    proto = _model(nodes, inits, {"x": [1, 1, 4, 4]}, {"y": [1, 1, 16, 4]})
+    proto = float_model(nodes, {"x": [1, 1, 4, 4]}, {"y": [1, 1, 16, 4]}, inits)
     model, notes = lower(proto)
     by_name = {n.name: n for n in model.graph}
     assert all(by_name[n].outputs[0].dtype != ir.DataType.FLOAT16 for n in ("exp", "resize"))
@@ -245,7 +229,7 @@ def five_node_chain(seed: int) -> onnx.ModelProto:
         helper.make_node("MatMul", ["r", "wm"], ["m"], name="n3"),
         helper.make_node("LayerNormalization", ["m", "gamma", "beta"], ["y"], name="n4", axis=-1),
     ]
-    return _model(nodes, inits, {"x": ["N", 3, 6, 6]}, {"y": ["N", 4, 16]}, opset=17)
+    return float_model(nodes, {"x": ["N", 3, 6, 6]}, {"y": ["N", 4, 16]}, inits, opset=17)
 
 
 @settings(derandomize=True, max_examples=50, deadline=None)
