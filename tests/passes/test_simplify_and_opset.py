@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from builders import cnn_data, small_cnn, tiny_transformer, transformer_data
 from ort_util import run
 
@@ -126,3 +127,75 @@ def test_equal_split_gets_num_outputs_across_opset_18() -> None:
     assert onnx.helper.get_attribute_value(next(a for a in split.attribute if a.name == "num_outputs")) == 2
     x = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
     np.testing.assert_array_equal(run(proto, {"x": x})[0], run(out, {"x": x})[0])
+
+
+def _gelu_projection(order: str) -> onnx.ModelProto:
+    """MatMul + bias + exact GELU with its factors in the order an exporter wrote them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    consts = {
+        "w": rng.standard_normal((8, 16)).astype(np.float32),
+        "b": rng.standard_normal(16).astype(np.float32),
+        "sqrt2": np.array(np.sqrt(2.0), np.float32),
+        "one": np.array(1.0, np.float32),
+        "half": np.array(0.5, np.float32),
+    }
+    make = helper.make_node
+    nodes = [
+        make("MatMul", ["x", "w"], ["xw"]),
+        make("Add", ["xw", "b"], ["h"]),
+        make("Div", ["h", "sqrt2"], ["d"]),
+        make("Erf", ["d"], ["e"]),
+        make("Add", ["e", "one"], ["e1"]),
+    ]
+    nodes += {
+        "torch": [make("Mul", ["half", "e1"], ["m"]), make("Mul", ["h", "m"], ["y"])],  # x · (0.5 · E)
+        "late_half": [make("Mul", ["h", "e1"], ["m"]), make("Mul", ["m", "half"], ["y"])],  # (x · E) · 0.5
+        "fusable": [make("Mul", ["h", "half"], ["m"]), make("Mul", ["m", "e1"], ["y"])],  # (x · 0.5) · E
+    }[order]
+    graph = helper.make_graph(
+        nodes,
+        "gelu_projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
+def _run_unoptimized(model, feeds):  # type: ignore[no-untyped-def]
+    """The graph exactly as written: onnxruntime's own fusions would compute GELU differently."""
+    import onnxruntime as ort
+    from ort_util import as_bytes
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(as_bytes(model), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("order", ["torch", "late_half", "fusable"])
+def test_exact_gelu_is_reordered_so_onnxruntime_fuses_it_with_its_bias(order: str) -> None:
+    from ort_util import optimized_model
+
+    proto = _gelu_projection(order)
+    model = onnxq_ir.from_proto(proto)
+    Simplify()(model)
+    x = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32) * 3
+    np.testing.assert_array_equal(_run_unoptimized(proto, {"x": x})[0], _run_unoptimized(model, {"x": x})[0])
+    fused = [n.op_type for n in optimized_model(model).graph.node]
+    assert fused == ["MatMul", "BiasGelu"], fused
+    as_exported = [n.op_type for n in optimized_model(proto).graph.node]
+    assert ("Erf" in as_exported) == (order == "torch")  # only torch's order needs the rewrite
+
+
+def test_a_gelu_intermediate_read_elsewhere_is_left_alone() -> None:
+    proto = _gelu_projection("torch")
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("m", onnx.TensorProto.FLOAT, None))
+    model = onnxq_ir.from_proto(proto)
+    Simplify()(model)
+    x = np.random.default_rng(3).standard_normal((1, 4, 8)).astype(np.float32)
+    for a, b in zip(_run_unoptimized(proto, {"x": x}), _run_unoptimized(model, {"x": x}), strict=True):
+        np.testing.assert_array_equal(a, b)
