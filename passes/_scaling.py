@@ -2,7 +2,8 @@
 
 SmoothQuant and AWQ-style scaling both rewrite X·W as (X / s)·(diag(s)·W). The weights are rescaled by
 the caller; here 1/s goes where it costs nothing at run time when the graph allows (into the gamma and
-beta of a LayerNormalization that only those readers see), else into one Mul in front of them.
+beta of a LayerNormalization that only those readers see, or, for the input of attention's output
+projection, into the value projection's weight columns), else into one Mul in front of them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ._attention import fold_scale_into_value_projection
 from ._graph import add_initializer, constant_array, unique_name
 
 
@@ -18,13 +20,15 @@ def divide_activation(
     value: ir.Value,
     readers: list[ir.Node],
     scale: np.ndarray,
-    fold_into_layernorm: bool = True,
+    fold: bool = True,
     allow_mul: bool = True,
 ) -> str | None:
-    """Make `readers` see value / scale (last axis). Returns how ("layernorm" or "mul"), or None when it
-    could not fold and a Mul was not allowed (the graph is then unchanged)."""
-    if fold_into_layernorm and _fold_into_layernorm(graph, value, readers, scale):
+    """Make `readers` see value / scale (last axis). Returns how ("layernorm", "value_projection" or "mul"),
+    or None when it could not fold and a Mul was not allowed (the graph is then unchanged)."""
+    if fold and _fold_into_layernorm(graph, value, readers, scale):
         return "layernorm"
+    if fold and fold_scale_into_value_projection(graph, value, readers, scale):
+        return "value_projection"
     if not allow_mul:
         return None
     _insert_mul(graph, value, readers, scale)

@@ -22,6 +22,7 @@ from pydantic import Field
 from onnxq import ir as onnxq_ir
 from onnxq.pass_base import Pass, PassConfig
 
+from ._attention import fold_attention_biases
 from ._graph import constant_array, replace_model
 
 # onnx-optimizer passes that make the graph slower on onnxruntime (see the module docstring).
@@ -34,6 +35,11 @@ class SimplifyConfig(PassConfig):
     strict: bool = Field(False, description="fail when onnxsim fails, instead of going on unsimplified")
     gelu_for_fusion: bool = Field(
         True, description="reorder exact-GELU factors so that onnxruntime fuses Gelu and its bias (bit-identical)"
+    )
+    attention_biases: bool = Field(
+        True,
+        description="drop attention's key bias (softmax ignores it) and move the value bias into the output "
+        "projection's bias: exact, one Add fewer each",
     )
     spatial_mean_to_pool: bool = Field(
         True, description="ReduceMean over H, W of a 4-D tensor becomes GlobalAveragePool (an integer kernel exists)"
@@ -53,6 +59,13 @@ class Simplify(Pass):
             if not self.config.onnxsim:
                 _infer_shapes(model)  # onnxsim would have; the rewrite needs to know the rank
             modified |= _spatial_means_to_pools(model.graph) > 0
+        if self.config.attention_biases:
+            if not self.config.onnxsim and not self.config.spatial_mean_to_pool:
+                _infer_shapes(model)  # the rewrite checks head splits on inferred shapes
+            removed = fold_attention_biases(model.graph)
+            if removed:
+                self.context.notes.append(f"simplify: {removed} attention bias Adds folded away (exact)")
+                modified = True
         if self.config.gelu_for_fusion:
             modified |= _gelus_in_fusable_order(model.graph) > 0
         if self.config.lift_constants:

@@ -3,8 +3,9 @@
 For an activation X [..., K] feeding weights W [K, N], with per-channel maxima a_j = max|X_j| (measured on
 the calibration data) and w_j = max_n |W_jn| (over every weight X feeds), s_j = a_j^α / w_j^(1-α) and
 X·W = (X / s)·(diag(s)·W). Activations get flatter (easier per-tensor int8), weights absorb the range
-(per-channel int8 handles it). 1/s is folded into a LayerNormalization that produces X when it can, else
-a Mul is inserted. Activation ranges measured before are void afterwards (`invalidates`).
+(per-channel int8 handles it). 1/s is folded into a LayerNormalization that produces X, or through
+attention into the value projection, when it can; else a Mul is inserted.
+Activation ranges measured before are void afterwards (`invalidates`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from ._scaling import divide_activation
 class SmoothQuantConfig(PassConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: 0 none, 1 all onto the weights")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], description="ops whose inputs smooth")
-    fold_into_layernorm: bool = Field(True, description="fold 1/s into a producing LayerNormalization")
+    fold_scales: bool = Field(
+        True,
+        description="fold 1/s where it costs no run time: into a producing LayerNormalization, or for attention's "
+        "output projection into the value projection's weights",
+    )
     ignore: list[Selector] = Field(
         default_factory=list,
         description="readers whose input is left unsmoothed (each smoothed activation costs a Mul at run time)",
@@ -100,5 +105,5 @@ class SmoothQuant(Pass):
             base = node.inputs[1].name  # type: ignore[union-attr]
             node.replace_input_with(1, add_initializer(graph, f"{base}_smoothed", new.astype(weight.dtype)))
         readers = [node for node, _, _ in target.uses]
-        divide_activation(graph, target.value, readers, scale, self.config.fold_into_layernorm)
+        divide_activation(graph, target.value, readers, scale, self.config.fold_scales)
         return True

@@ -150,6 +150,81 @@ def tiny_transformer(
     return model
 
 
+def bert_attention(
+    seed: int = 0, dim: int = 32, heads: int = 4, softmax_axis: int = -1, value_perm: tuple[int, ...] = (0, 2, 1, 3)
+) -> onnx.ModelProto:
+    """A BERT (post-LN) self-attention block as torch exports it: Q/K/V projections with biases, heads split
+    by Reshape [0, 0, H, D] and Transposes, Kᵀ by one (0, 2, 3, 1) Transpose, a scaled and masked softmax,
+    heads merged back, the output projection with its bias, the residual and LayerNorm. The LayerNorm input
+    is read by the projections and the residual, so SmoothQuant cannot fold into it."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    width = dim // heads
+
+    def weight(k: int, n: int) -> np.ndarray:
+        return (rng.standard_normal((k, n)) / np.sqrt(k)).astype(f32)
+
+    inits = [_init(f"w{p}", weight(dim, dim)) for p in "qkvo"]
+    inits += [_init(f"b{p}", rng.normal(0, 0.5, dim).astype(f32)) for p in "qkvo"]
+    inits += [
+        _init("gamma", rng.uniform(0.5, 1.5, dim).astype(f32)),
+        _init("beta", rng.normal(0, 0.1, dim).astype(f32)),
+        _init("split", np.array([0, 0, heads, width], np.int64)),
+        _init("merge", np.array([0, 0, dim], np.int64)),
+        _init("scale", np.array(1 / np.sqrt(width), f32)),
+    ]
+    make = helper.make_node
+    nodes = []
+    for p in "qkv":
+        nodes += [
+            make("MatMul", ["x", f"w{p}"], [f"{p}_mm"], name=f"attention.self.{p}/MatMul"),
+            make("Add", [f"{p}_mm", f"b{p}"], [f"{p}_lin"], name=f"attention.self.{p}/Add"),
+            make("Reshape", [f"{p}_lin", "split"], [f"{p}_heads"], name=f"{p}_split"),
+        ]
+    nodes += [
+        make("Transpose", ["q_heads"], ["q_t"], perm=[0, 2, 1, 3]),
+        make("Transpose", ["k_heads"], ["k_t"], perm=[0, 2, 3, 1]),
+        make("Transpose", ["v_heads"], ["v_t"], perm=list(value_perm)),
+        make("MatMul", ["q_t", "k_t"], ["scores"], name="qk"),
+        make("Mul", ["scores", "scale"], ["scaled"]),
+        make("Add", ["scaled", "mask"], ["masked"]),
+        make("Softmax", ["masked"], ["probs"], axis=softmax_axis),
+        make("MatMul", ["probs", "v_t"], ["context"], name="av"),
+        make("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
+        make("Reshape", ["context_t", "merge"], ["merged"], name="merge"),
+        make("MatMul", ["merged", "wo"], ["o_mm"], name="attention.output.dense/MatMul"),
+        make("Add", ["o_mm", "bo"], ["o_lin"], name="attention.output.dense/Add"),
+        make("Add", ["o_lin", "x"], ["residual"]),
+        make("LayerNormalization", ["residual", "gamma", "beta"], ["y"], axis=-1, name="ln"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bert_attention",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", dim]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, 1, "seq"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def attention_feeds(n: int, seed: int, dim: int = 32, seq: int = 7) -> list[dict[str, np.ndarray]]:
+    """Hidden states with outlier channels, and masks that hide a different tail of keys per sample."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for i in range(n):
+        x = rng.standard_normal((1, seq, dim)).astype(np.float32)
+        x[..., :2] *= 10.0
+        mask = np.zeros((1, 1, 1, seq), np.float32)
+        mask[..., seq - i % 3 :] = -10000.0
+        feeds.append({"x": x, "mask": mask})
+    return feeds
+
+
 def transformer_data(n: int, seed: int, dim: int = 64, seq: int = 12) -> np.ndarray:
     """Correlated channels with a few outliers, as real hidden states have (GPTQ's error compensation and
     AWQ's scaling only pay on inputs like these, not on white noise)."""
