@@ -2,7 +2,8 @@
 
 The key is a hash of the model as calibrated (graph and weights), the collector settings, the data
 (file contents or the synthetic seed) and the tensors kept exact. A JSON file holds any number of
-entries; it is rewritten atomically.
+entries; it is rewritten atomically. The same file keeps other measurements that are slow to repeat and
+depend only on what their key says (mixed_precision's latency costs), under `measurements`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,20 @@ class StatsStore:
         data = self._read() if self.path.exists() else {"version": VERSION, "entries": {}}
         entry = data["entries"].setdefault(key, {"method": method, "ranges": {}})
         entry["ranges"].update({n: [r.min, r.max] for n, r in ranges.items()})
+        self._write(data)
+
+    def measurement(self, key: str) -> dict[str, float] | None:
+        """A measurement saved under `key` (exact match only: a latency from another machine is no use)."""
+        if not self.path.exists():
+            return None
+        return self._read().get("measurements", {}).get(key)
+
+    def save_measurement(self, key: str, value: dict[str, float]) -> None:
+        data = self._read() if self.path.exists() else {"version": VERSION, "entries": {}}
+        data.setdefault("measurements", {})[key] = value
+        self._write(data)
+
+    def _write(self, data: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:

@@ -16,9 +16,13 @@ to the groups by their multiply-accumulates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import os
 import re
 import time
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -306,29 +310,40 @@ class MixedPrecision(Pass):
                 )
             )
         if objective == "latency":
-            costs.update(self._latency_costs(groups, candidates, macs, evaluator, float_bytes, ranges))
+            costs.update(self._latency_costs(model, groups, candidates, macs, evaluator, float_bytes, ranges))
         return costs
 
-    def _latency_costs(self, groups, candidates, macs, evaluator, float_bytes, ranges):  # type: ignore[no-untyped-def]
+    def _latency_costs(self, model, groups, candidates, macs, evaluator, float_bytes, ranges):  # type: ignore[no-untyped-def]
         """Whole-model latency of the all-fp32 model and of each candidate applied everywhere it can be,
-        measured interleaved on the first sample; each group's share is proportional to its MACs."""
+        measured interleaved on the first sample; each group's share is proportional to its MACs. With a
+        stats store the measurements are kept, keyed by model, candidate, input shapes, threads, onnxruntime
+        and CPU, so a rerun (another budget, another target) does not time the variants again."""
         from onnxq.validate import latency
 
         feeds = sensitivity.model_feeds(float_bytes, evaluator.feeds[:1])
+        store = self.context.stats_store
+        base_key = _latency_key_base(model, feeds[0], self.config.latency_threads) if store is not None else ""
         total_macs = sum(macs.values()) or 1.0
         float_ms = None
         per_mac: dict[str, float] = {}
         for c in sorted({c for options in candidates.values() for c in options} - {"fp32"}):
             members = [i for i in groups if c in candidates[i]]
             changes = {i: candidates[i][c] for i in members}
-            quant = sensitivity.lower(float_bytes, {**evaluator.base, **changes}, ranges)
-            measured = latency(float_bytes, quant, feeds[0], threads=self.config.latency_threads, budget_s=1.0)
+            key = _hash(base_key, c, [(i, repr(changes[i])) for i in members]) if store is not None else ""
+            measured = store.measurement(key) if store is not None else None
+            cached = measured is not None
+            if measured is None:
+                quant = sensitivity.lower(float_bytes, {**evaluator.base, **changes}, ranges)
+                measured = latency(float_bytes, quant, feeds[0], threads=self.config.latency_threads, budget_s=1.0)
+                measured = {k: measured[k] for k in ("float_ms", "quantized_ms")}
+                if store is not None:
+                    store.save_measurement(key, measured)
             float_ms = measured["float_ms"] if float_ms is None else min(float_ms, measured["float_ms"])
             share = sum(macs[i] for i in members) / total_macs
             per_mac[c] = (measured["quantized_ms"] - measured["float_ms"]) / max(sum(macs[i] for i in members), 1.0)
             self.context.notes.append(
                 f"mixed_precision: latency all-{c} {measured['quantized_ms']:.2f} ms vs fp32 "
-                f"{measured['float_ms']:.2f} ms ({share:.0%} of MACs)"
+                f"{measured['float_ms']:.2f} ms ({share:.0%} of MACs)" + (", cached" if cached else "")
             )
         if float_ms is None:
             return {}
@@ -451,6 +466,24 @@ class MixedPrecision(Pass):
             "chosen": {**front_json[hi], "index": hi, "score": probes[hi]},
             "notes": notes,
         }
+
+
+def _latency_key_base(model: ir.Model, feeds: dict[str, np.ndarray], threads: int) -> str:
+    """What a latency measurement depends on besides the candidate: model, input shapes, threads, runtime, CPU."""
+    import platform
+
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    shapes = sorted((k, tuple(v.shape)) for k, v in feeds.items())
+    return _hash(onnxq_ir.model_fingerprint(model), shapes, threads, ort.__version__, cpu, os.cpu_count())
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
 
 def _out_channels(node: ir.Node, weight: np.ndarray) -> int:

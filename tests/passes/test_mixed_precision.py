@@ -222,7 +222,8 @@ def test_int16_activation_candidate_loses_less_than_int8_and_lowers_to_uint16(
     # same int8 weights; o_proj reads the attention MatMul's int8 output either way (not a group: no weight)
     pairs = [(g["options"]["int16"]["loss"], g["options"]["int8"]["loss"]) for g in report["groups"]]
     assert all(a <= b for a, b in pairs)
-    assert sum(a < b / 2 for a, b in pairs) >= 3
+    assert sum(a < b for a, b in pairs) >= 4  # all but o_proj (and onnxruntime's rounding of ties)
+    assert sum(a for a, _ in pairs) < sum(b for _, b in pairs) / 2
     choices = [g["choice"] for g in report["groups"]]
     assert "int16" in choices and "int8" in choices
     proto = onnx.load(result.output)
@@ -233,3 +234,20 @@ def test_int16_activation_candidate_loses_less_than_int8_and_lowers_to_uint16(
     assert onnx.TensorProto.UINT16 in q_types and onnx.TensorProto.UINT8 in q_types
     x = np.load(calib)["x"]
     assert sqnr_db(_outputs(source, x), _outputs(result.output, x)) > 25
+
+
+def test_latency_costs_are_measured_once_and_reused_from_the_stats_file(cnn: tuple[Path, Path], tmp_path: Path) -> None:
+    """A rerun with another budget reads the variants' timings from OUTPUT.calib.json instead of timing again."""
+    import json
+
+    source, calib = cnn
+    costs = []
+    for budget in (2.0, 3.0):  # int8 may well be slower than fp32 on a model this small
+        mixed = {"candidates": ["fp32", "int8"], "objective": "latency", "budget": budget, "samples": 4}
+        result = onnxq.run(source, _recipe(mixed), calib=str(calib), output=tmp_path / "lat.onnx")
+        notes = [n for n in result.notes if "latency all-int8" in n]
+        assert len(notes) == 1 and notes[0].endswith(", cached") == (budget == 3.0), notes
+        costs.append(_table(result.artifacts["mixed_precision"]))
+    assert costs[0] == costs[1]  # the same timings, not a second measurement
+    stored = json.loads((tmp_path / "lat.onnx.calib.json").read_text())["measurements"]
+    assert len(stored) == 1 and set(next(iter(stored.values()))) == {"float_ms", "quantized_ms"}
