@@ -3,7 +3,10 @@ ModelOpt-style heuristic (first and last eighth of the layers and every third la
 the LM head int8), greedy promotion, and the exact MCKP plan from measured sensitivity, all at the
 heuristic's size. Every plan is lowered the same way (RTN) and scored on held-out data.
 
-    python bench/mixed_weight.py [--models gpt,minilm] [--samples 16]
+    python bench/mixed_weight.py [--models gpt,minilm] [--samples 16] [--candidates w4,w8] [--heuristic w4,w8]
+
+The LP bound row is the LP relaxation of the measured table at that size: no plan, from any solver, can
+predict a lower loss. Where greedy's predicted loss meets it, exactness has nothing left to win.
 """
 
 from __future__ import annotations
@@ -93,21 +96,29 @@ def main() -> None:
     parser.add_argument("--models", default="gpt,minilm")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--candidates", default="w4,w8", help="what greedy and MCKP may choose from")
+    parser.add_argument("--heuristic", default="w4,w8", help="the heuristic's int4 and int8 candidates")
     args = parser.parse_args()
     import onnxq
+    from onnxq import mckp
 
     for name in args.models.split(","):
         task = Task(name)
         with tempfile.TemporaryDirectory(prefix="onnxq-mixw-") as work:
             tmp = Path(work)
-            probe = {"candidates": ["w4", "w8"], "objective": "size", "budget": 1.0, "sensitivity": "diag_hessian"}
+            low, high = args.heuristic.split(",")
+            probe = {
+                "candidates": sorted({low, high, *args.candidates.split(",")}),
+                "objective": "size",
+                "budget": 1.0,
+                "sensitivity": "diag_hessian",
+            }
             costs = onnxq.run(task.model, recipe(probe, [], args.samples), calib=task.calib, dry_run=True).artifacts[
                 "mixed_precision"
             ]
             names = [g["node"] for g in costs["groups"]]
             int8 = set(heuristic_int8(names))
             spent = costs["cost_rest"] + sum(
-                g["options"]["w8" if g["node"] in int8 else "w4"]["cost"] for g in costs["groups"]
+                g["options"][high if g["node"] in int8 else low]["cost"] for g in costs["groups"]
             )
             budget = spent / costs["cost_fp32"]
             mixed = {
@@ -122,7 +133,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             report = exact.artifacts["mixed_precision"]
             plans = {
-                "heuristic": {n: "w8" if n in int8 else "w4" for n in names},
+                "heuristic": {n: high if n in int8 else low for n in names},
                 "greedy": report["greedy"]["choice"],
                 "exact MCKP": {g["node"]: g["choice"] for g in report["groups"]},
             }
@@ -133,7 +144,10 @@ def main() -> None:
                     task.model, recipe(None, rules, args.samples), calib=task.calib, output=tmp / f"{label}.onnx"
                 ).output
             losses = {g["node"]: g["options"] for g in report["groups"]}
-            print(f"\n== {name}: w4/w8 blocks of 32 at the heuristic's size ({budget:.4f} of fp32 weights) ==")
+            print(
+                f"\n== {name}: {args.candidates} at the size of the {low}/{high} heuristic "
+                f"({budget:.4f} of fp32 weights) =="
+            )
             print(f"{'plan':12s} {'mix':>24s} {'size':>7s} {'pred. loss':>11s} {task.header():>28s}")
             print(f"{'fp32':12s} {'':>24s} {1.0:7.4f} {'':>11s} {task.fp32_row():>28s}")
             fp32_size = Path(task.model).stat().st_size
@@ -142,6 +156,11 @@ def main() -> None:
                 size = Path(outputs[label]).stat().st_size / fp32_size
                 score = task.score(str(outputs[label]))
                 print(f"{label:12s} {mix(plans[label]):>24s} {size:7.4f} {predicted:11.4g} {score:>28s}")
+            table = [
+                mckp.Group(n, tuple(mckp.Option(c, o["cost"], o["loss"]) for c, o in losses[n].items())) for n in losses
+            ]
+            bound = mckp.lp_bound(table, budget * report["cost_fp32"] - report["cost_rest"])
+            print(f"{'LP bound':12s} {'':>24s} {'':>7s} {bound:11.4g}   (no plan of this size predicts less)")
             print(
                 f"sensitivity: {len(names)} groups × {len(mixed['candidates'])} candidates in "
                 f"{report['seconds'].get('sensitivity', 0):.1f} s; "

@@ -210,6 +210,38 @@ def solve_greedy(groups: Sequence[Group], budget: float) -> Solution | None:
     return _solution(groups, [opts[j] for opts, j in zip(kept, cur, strict=True)])
 
 
+def lp_bound(groups: Sequence[Group], budget: float) -> float | None:
+    """Lower bound on the loss of any choice within `budget` (None if nothing fits): the LP relaxation, i.e.
+    each group's lower convex hull walked by decreasing loss drop per cost, the last step taken in part.
+    Exact and greedy both lie at or above it; where greedy meets it, no solver can do better on this table."""
+    kept = _prune(groups)
+    slack = budget - math.fsum(opts[0].cost for opts in kept)
+    if math.isnan(budget) or slack < 0:
+        return None
+    loss = math.fsum(opts[0].loss for opts in kept)
+    steps: list[tuple[float, float, float]] = []  # (drop per cost, extra cost, drop)
+    for opts in kept:
+        hull: list[Option] = []
+        for opt in opts:  # by increasing cost, strictly decreasing loss
+            while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], opt):
+                hull.pop()
+            hull.append(opt)
+        steps += [
+            ((a.loss - b.loss) / (b.cost - a.cost), b.cost - a.cost, a.loss - b.loss)
+            for a, b in itertools.pairwise(hull)
+        ]
+    for per_cost, extra, drop in sorted(steps, reverse=True):
+        if extra > slack:
+            return max(loss - per_cost * slack, 0.0)
+        loss -= drop
+        slack -= extra
+    return max(loss, 0.0)
+
+
+def _slope(a: Option, b: Option) -> float:
+    return (b.loss - a.loss) / (b.cost - a.cost)
+
+
 def brute_force(groups: Sequence[Group], budget: float, limit: int = 1_000_000) -> Solution | None:
     """Reference for tests: every combination, min loss then min cost; refuses more than `limit` combinations."""
     if math.prod(len(g.options) for g in groups) > limit:

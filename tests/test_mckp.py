@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq.mckp import Group, Option, Solution, brute_force, pareto_front, solve_exact, solve_greedy
+from onnxq.mckp import Group, Option, Solution, brute_force, lp_bound, pareto_front, solve_exact, solve_greedy
 
 TOL = 1e-9
 SETTINGS = settings(derandomize=True, max_examples=200, deadline=None)
@@ -87,6 +87,27 @@ def test_exact_float_costs_feasible_and_within_rounding_bound(
         assert exact.loss <= tighter.loss + TOL
     greedy = solve_greedy(groups, budget)
     assert greedy is not None and exact.loss <= greedy.loss + TOL
+
+
+@SETTINGS
+@given(groups=FLOAT_GROUPS, budget=st.floats(0, 130))
+def test_lp_bound_is_below_the_optimum_and_tight_with_one_fractional_group(groups: list[Group], budget: float) -> None:
+    bound, best = lp_bound(groups, budget), brute_force(groups, budget)
+    assert (bound is None) == (best is None)
+    if best is None:
+        return
+    assert bound <= best.loss + TOL
+    greedy = solve_greedy(groups, budget)
+    assert greedy is not None and greedy.loss >= bound - TOL
+
+
+def test_lp_bound_interpolates_the_cheapest_missing_step() -> None:
+    groups = _build([[(0, 10), (4, 2)], [(0, 6), (1, 5), (10, 0)]])
+    # steps by drop per cost: g0 2.0 (cost 4), g1 1.0 (cost 1), g1 0.556 (cost 9); budget 6 takes g0, g1's
+    # first step and 1/9 of its second
+    assert lp_bound(groups, 6) == pytest.approx(2 + 5 - 5 / 9)
+    assert lp_bound(groups, 100) == pytest.approx(2.0)
+    assert lp_bound(groups, -1) is None
 
 
 @SETTINGS
