@@ -11,6 +11,7 @@ Activation ranges measured before are void afterwards (`invalidates`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +23,8 @@ from onnxq.qspec import Selector
 from ._graph import add_initializer, constant_array, forget_names, is_constant
 from ._scaling import divide_activation
 
+WHERE = {"layernorm": "LayerNorm", "value_projection": "value projection", "mul": "Mul"}
+
 
 class SmoothQuantConfig(PassConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: 0 none, 1 all onto the weights")
@@ -31,10 +34,26 @@ class SmoothQuantConfig(PassConfig):
         description="fold 1/s where it costs no run time: into a producing LayerNormalization, or for attention's "
         "output projection into the value projection's weights",
     )
+    insert_mul: Literal["always", "after_norm", "never"] = Field(
+        "always",
+        description="where 1/s cannot fold, smooth anyway with a Mul (always), only activations a normalization "
+        "produced (after_norm: the paper's QKV and FFN-up inputs), or not at all (never)",
+    )
     ignore: list[Selector] = Field(
         default_factory=list,
         description="readers whose input is left unsmoothed (each smoothed activation costs a Mul at run time)",
     )
+
+
+NORMALIZATIONS = frozenset(
+    {
+        "LayerNormalization",
+        "RMSNormalization",
+        "SkipLayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+    }
+)
 
 
 @dataclass
@@ -57,17 +76,22 @@ class SmoothQuant(Pass):
         if not targets:
             return ir.passes.PassResult(model, modified=False)
         maxima = self.context.channel_absmax(model, [t.value.name for t in targets])
-        smoothed = 0
+        how: dict[str, int] = {}
         for target in targets:
             act_max = maxima.get(target.value.name)
             if act_max is None:
                 continue
-            if self._smooth(model.graph, target, np.asarray(act_max, dtype=np.float64)):
-                smoothed += 1
+            done = self._smooth(model.graph, target, np.asarray(act_max, dtype=np.float64))
+            if done is not None:
+                how[done] = how.get(done, 0) + 1
         forget_names(model.graph)
-        if smoothed:
-            self.context.notes.append(f"smooth_quant: smoothed {smoothed} activations (alpha {self.config.alpha})")
-        return ir.passes.PassResult(model, modified=smoothed > 0)
+        if how:
+            self.context.notes.append(
+                f"smooth_quant: smoothed {sum(how.values())} activations (alpha {self.config.alpha}; 1/s into "
+                + ", ".join(f"{WHERE[k]} {v}" for k, v in sorted(how.items()))
+                + ")"
+            )
+        return ir.passes.PassResult(model, modified=bool(how))
 
     def _targets(self, graph: ir.Graph) -> list[_Target]:
         found: dict[str, _Target] = {}
@@ -89,21 +113,33 @@ class SmoothQuant(Pass):
         # every reader of X must be smoothed with the same s, unless a Mul isolates the smoothed ones
         return list(found.values())
 
-    def _smooth(self, graph: ir.Graph, target: _Target, act_max: np.ndarray) -> bool:
+    def _smooth(self, graph: ir.Graph, target: _Target, act_max: np.ndarray) -> str | None:
+        """Smooth one activation; returns where 1/s went, or None when it was left alone."""
         k = act_max.shape[0]
-        rows = [np.abs(w.T if transposed else w) for _, w, transposed in target.uses]
+        # read the weights now: smoothing an earlier activation may have rescaled them (value projections)
+        weights = [constant_array(node.inputs[1]) for node, _, _ in target.uses]
+        if any(w is None for w in weights):
+            return None
+        rows = [np.abs(w.T if transposed else w) for w, (_, _, transposed) in zip(weights, target.uses, strict=True)]
         if any(r.shape[0] != k for r in rows):
-            return False
+            return None
         w_max = np.max(np.stack([r.max(axis=1) for r in rows]), axis=0)
         alpha = self.config.alpha
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.power(act_max, alpha) / np.power(w_max, 1.0 - alpha)
         scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
         scale = np.clip(scale, 1e-5, 1e5)
-        for node, weight, transposed in target.uses:
+        readers = [node for node, _, _ in target.uses]
+        producer = target.value.producer()
+        policy = self.config.insert_mul
+        allow_mul = policy == "always" or (
+            policy == "after_norm" and producer is not None and producer.op_type in NORMALIZATIONS
+        )
+        done = divide_activation(graph, target.value, readers, scale, self.config.fold_scales, allow_mul=allow_mul)
+        if done is None:
+            return None
+        for weight, (node, _, transposed) in zip(weights, target.uses, strict=True):
             new = weight * (scale[None, :] if transposed else scale[:, None])
             base = node.inputs[1].name  # type: ignore[union-attr]
             node.replace_input_with(1, add_initializer(graph, f"{base}_smoothed", new.astype(weight.dtype)))
-        readers = [node for node, _, _ in target.uses]
-        divide_activation(graph, target.value, readers, scale, self.config.fold_scales)
-        return True
+        return done

@@ -66,3 +66,17 @@ def test_output_projection_smoothing_folds_into_the_value_projection() -> None:
     o_proj = next(n for n in model.graph if n.name == "attention.output.dense/MatMul")
     assert o_proj.inputs[0].producer().op_type == "Reshape"
     np.testing.assert_allclose(_outputs(model, feeds), _outputs(proto, feeds), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("insert_mul", ["never", "after_norm"])
+def test_smoothing_without_a_mul_keeps_only_the_free_folds(insert_mul: str) -> None:
+    """The block's projections read a graph input (no normalization): only the output projection smooths."""
+    proto = bert_attention()
+    feeds = attention_feeds(8, seed=3)
+    model = onnxq_ir.from_proto(proto)
+    Simplify()(model)
+    context = PassContext(calibration_data=lambda: iter(feeds))
+    SmoothQuant({"alpha": 0.7, "insert_mul": insert_mul}, context)(model)
+    assert not [n for n in model.graph if n.op_type == "Mul" and n.name.endswith("_smooth")]
+    assert context.notes == ["smooth_quant: smoothed 1 activations (alpha 0.7; 1/s into value projection 1)"]
+    np.testing.assert_allclose(_outputs(model, feeds), _outputs(proto, feeds), rtol=1e-4, atol=1e-4)
