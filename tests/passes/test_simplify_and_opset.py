@@ -199,3 +199,45 @@ def test_a_gelu_intermediate_read_elsewhere_is_left_alone() -> None:
     x = np.random.default_rng(3).standard_normal((1, 4, 8)).astype(np.float32)
     for a, b in zip(_run_unoptimized(proto, {"x": x}), _run_unoptimized(model, {"x": x}), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_two_dimensional_matmul_and_bias_become_a_gemm_that_lowers_to_qgemm(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """onnxruntime fuses a 2-D MatMul + bias into a float Gemm at load time; behind Q/DQ that Gemm then
+    runs in float on weights dequantized every run. As a Gemm before lowering it becomes QGemm."""
+    from onnx import TensorProto, helper, numpy_helper
+    from ort_util import optimized_model
+
+    import onnxq
+
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"], name="head"), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[
+            numpy_helper.from_array((rng.standard_normal((64, 10)) * 0.1).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.standard_normal((1, 10)).astype(np.float32), "b"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 7
+    model = onnxq_ir.from_proto(proto)
+    Simplify()(model)
+    assert [(n.op_type, n.name) for n in model.graph] == [("Gemm", "head")]
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(proto, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+    onnx.save(proto, tmp_path / "head.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = onnxq.run(tmp_path / "head.onnx", "int8", calib=str(tmp_path / "calib.npz"), validate=False).output
+    assert [n.op_type for n in optimized_model(out).graph.node] == ["QuantizeLinear", "QGemm"]
+    assert qmath.sqnr_db(run(proto, {"x": x})[0], run(out, {"x": x})[0]) > 30
+
+
+def test_a_matmul_on_three_dimensional_input_keeps_its_add() -> None:
+    proto = _gelu_projection("fusable")  # [batch, seq, 8] · [8, 16] + b
+    model = onnxq_ir.from_proto(proto)
+    Simplify()(model)
+    assert "Gemm" not in [n.op_type for n in model.graph]
