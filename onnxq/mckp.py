@@ -232,7 +232,7 @@ def lp_bound(groups: Sequence[Group], budget: float) -> float | None:
         ]
     for per_cost, extra, drop in sorted(steps, reverse=True):
         if extra > slack:
-            return max(loss - per_cost * slack, 0.0)
+            return max(loss - drop * (slack / extra), 0.0)  # not per_cost * slack: per_cost may overflow
         loss -= drop
         slack -= extra
     return max(loss, 0.0)
