@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--candidates", default="w4,w8", help="what greedy and MCKP may choose from")
     parser.add_argument("--heuristic", default="w4,w8", help="the heuristic's int4 and int8 candidates")
+    parser.add_argument("--refine", type=int, default=0, help="also run exact and greedy with this many refine rounds")
     args = parser.parse_args()
     import onnxq
     from onnxq import mckp
@@ -161,6 +162,25 @@ def main() -> None:
             ]
             bound = mckp.lp_bound(table, budget * report["cost_fp32"] - report["cost_rest"])
             print(f"{'LP bound':12s} {'':>24s} {'':>7s} {bound:11.4g}   (no plan of this size predicts less)")
+            for solver in ("exact", "greedy") if args.refine else ():
+                label = f"{solver} + refine"
+                run = onnxq.run(
+                    task.model,
+                    recipe({**mixed, "solver": solver, "refine": args.refine}, [], args.samples),
+                    calib=task.calib,
+                    output=tmp / f"{solver}-refined.onnx",
+                )
+                refined = run.artifacts["mixed_precision"]
+                plan = {g["node"]: g["choice"] for g in refined["groups"]}
+                predicted = sum(losses[n][plan[n]]["loss"] for n in losses)
+                size = Path(run.output).stat().st_size / fp32_size
+                print(f"{label:12s} {mix(plan):>24s} {size:7.4f} {predicted:11.4g} {task.score(str(run.output)):>28s}")
+                for r in refined["refine"]:
+                    after = f" → {r['measured_after']:.4g}" if "measured_after" in r else ""
+                    print(
+                        f"{'':12s}   round: {r['changed_groups']} groups changed, measured "
+                        f"{r['measured_before']:.4g}{after}{'' if r['accepted'] else ' (not kept)'}"
+                    )
             print(
                 f"sensitivity: {len(names)} groups × {len(mixed['candidates'])} candidates in "
                 f"{report['seconds'].get('sensitivity', 0):.1f} s; "

@@ -95,6 +95,13 @@ class MixedPrecisionConfig(PassConfig):
         "noise", description="measured loss: relative noise energy, KL of softmax outputs, or the target's task metric"
     )
     solver: Literal["exact", "greedy"] = "exact"
+    refine: int = Field(
+        0,
+        ge=0,
+        description="budget mode: rounds of re-measuring every group's candidates around the chosen plan (the "
+        "interactions a one-group-at-a-time table misses) and solving again; a round is kept only if the new "
+        "plan measures better",
+    )
     samples: int = Field(16, ge=1, description="calibration samples per sensitivity measurement")
     target_samples: int = Field(64, ge=1, description="calibration samples each target probe is validated on")
     workers: int | None = Field(None, ge=1, description="processes measuring variants; default calibration.workers")
@@ -409,9 +416,13 @@ class MixedPrecision(Pass):
                     f"raise budget to at least {cheapest:.3f}, or add cheaper candidates",
                 )
             greedy = mckp.solve_greedy(groups, budget)
+            rounds: list[dict] = []
+            if cfg.refine:
+                found, rounds = self._refine(groups, found, budget, evaluator, candidates)
             return found.choice, {
                 "front": front_json,
                 "chosen": {"cost_ratio": (found.cost + rest) / total_fp32, "loss": found.loss},
+                **({"refine": rounds} if cfg.refine else {}),
                 "greedy": {
                     "cost_ratio": (greedy.cost + rest) / total_fp32,
                     "loss": greedy.loss,
@@ -421,6 +432,57 @@ class MixedPrecision(Pass):
                 else None,
             }
         return self._search_target(front, front_json, rest, total_fp32, evaluator, candidates)
+
+    def _refine(self, groups, found, budget, evaluator, candidates):  # type: ignore[no-untyped-def]
+        """Sequential re-linearisation: around the current plan P, measure P with one group switched to each
+        other candidate, take the loss changes as the knapsack's table (shifted per group to be >= 0, which
+        changes no argmin), solve under the same budget, and keep the new plan only if it measures better.
+        Returns the plan (as a Solution whose loss is the measured one) and one record per round."""
+        from onnxq.calibration.session import _progress
+
+        cfg = self.config
+        solve = mckp.solve_exact if cfg.solver == "exact" else mckp.solve_greedy
+        reference = evaluator.metric_reference
+
+        def lowered(choice: dict[str, str]) -> dict:  # type: ignore[type-arg]
+            return {int(g): candidates[int(g)][c] for g, c in choice.items()}
+
+        def measured(choice: dict[str, str]) -> float:
+            return evaluator.one(lowered(choice)).loss(cfg.loss, reference)
+
+        current, current_loss = found, measured(found.choice)
+        rounds: list[dict] = []
+        for _ in range(cfg.refine):
+            switches = [(g.name, o.name) for g in groups for o in g.options if o.name != current.choice[g.name]]
+            with _progress(self.context.show_progress, "refining around the plan", len(switches)) as advance:
+                scores = evaluator.many(
+                    [{**lowered(current.choice), int(g): candidates[int(g)][c]} for g, c in switches], advance
+                )
+            delta = {k: s.loss(cfg.loss, reference) - current_loss for k, s in zip(switches, scores, strict=True)}
+            table = []
+            for g in groups:
+                raw = {o.name: delta.get((g.name, o.name), 0.0) for o in g.options}
+                low = min(raw.values())
+                table.append(
+                    mckp.Group(g.name, tuple(mckp.Option(o.name, o.cost, raw[o.name] - low) for o in g.options))
+                )
+            proposal = solve(table, budget)
+            changed = sum(proposal.choice[g] != current.choice[g] for g in proposal.choice) if proposal else 0
+            record = {"measured_before": current_loss, "changed_groups": changed, "accepted": False}
+            if proposal is None or not changed:
+                rounds.append(record)
+                break
+            loss = measured(proposal.choice)
+            record.update(measured_after=loss, accepted=loss < current_loss)
+            rounds.append(record)
+            self.context.notes.append(
+                f"mixed_precision: refine round {len(rounds)}: {changed} groups changed, measured loss "
+                f"{current_loss:.4g} → {loss:.4g}" + ("" if loss < current_loss else " (kept the previous plan)")
+            )
+            if loss >= current_loss:
+                break
+            current, current_loss = mckp.Solution(proposal.choice, proposal.cost, loss), loss
+        return current, rounds
 
     def _search_target(self, front, front_json, rest, total_fp32, evaluator, candidates):  # type: ignore[no-untyped-def]
         """Bisection along the front for the cheapest point meeting the target (scores rise with cost)."""

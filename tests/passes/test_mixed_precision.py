@@ -251,3 +251,26 @@ def test_latency_costs_are_measured_once_and_reused_from_the_stats_file(cnn: tup
     assert costs[0] == costs[1]  # the same timings, not a second measurement
     stored = json.loads((tmp_path / "lat.onnx.calib.json").read_text())["measurements"]
     assert len(stored) == 1 and set(next(iter(stored.values()))) == {"float_ms", "quantized_ms"}
+
+
+def test_refine_measures_switches_around_the_plan_and_drops_a_round_that_measures_worse(
+    block: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """At this budget the re-linearised table proposes moving two groups, the whole-model measurement says
+    that is worse, so the round is reported and the one-shot plan is kept (within the budget)."""
+    source, calib = block
+
+    def plan(refine: int) -> dict[str, Any]:
+        mixed = {"candidates": ["w4", "w8"], "objective": "size", "budget": 0.28, "loss": "noise", "refine": refine}
+        recipe = _recipe(mixed, opset=21, weight_only=True)
+        return onnxq.run(source, recipe, calib=str(calib), output=tmp_path / f"r{refine}.onnx").artifacts[
+            "mixed_precision"
+        ]
+
+    one_shot, refined = plan(0), plan(2)
+    assert "refine" not in one_shot
+    (round_,) = refined["refine"]
+    assert round_["changed_groups"] == 2 and not round_["accepted"]
+    assert round_["measured_after"] > round_["measured_before"] > 0
+    assert [g["choice"] for g in refined["groups"]] == [g["choice"] for g in one_shot["groups"]]
+    assert refined["chosen_cost_ratio"] <= 0.28
