@@ -230,9 +230,9 @@ def lp_bound(groups: Sequence[Group], budget: float) -> float | None:
             ((a.loss - b.loss) / (b.cost - a.cost), b.cost - a.cost, a.loss - b.loss)
             for a, b in itertools.pairwise(hull)
         ]
-    for per_cost, extra, drop in sorted(steps, reverse=True):
+    for _per_cost, extra, drop in sorted(steps, reverse=True):
         if extra > slack:
-            return max(loss - drop * (slack / extra), 0.0)  # not per_cost * slack: per_cost may overflow
+            return max(loss - drop * (slack / extra), 0.0)  # not per-cost × slack: that ratio may overflow
         loss -= drop
         slack -= extra
     return max(loss, 0.0)
