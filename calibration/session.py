@@ -340,13 +340,9 @@ def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def make_session(proto: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0):
-    import onnxruntime as ort
+    from onnxq.ort_session import session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
+    return session(proto.SerializeToString(), providers, threads)
 
 
 def collect_ranges(
@@ -418,13 +414,9 @@ class _ShardJob:
     batch_size: int
 
     def run(self, data, shard: int, shards: int, collector=None, advance=lambda _n: None):  # type: ignore[no-untyped-def]
-        import onnxruntime as ort
+        from onnxq.ort_session import session as open_session
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if shards > 1:
-            options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // shards)
-        session = ort.InferenceSession(self.model, options, providers=["CPUExecutionProvider"])
+        session = open_session(self.model, threads=max(1, (os.cpu_count() or 1) // shards) if shards > 1 else 0)
         collector = collector or make_collector(self.method, self.settings)
         inputs = {spec.name for spec in self.specs}
         wanted = [f"{n}{SUFFIX}{r}" for n in self.names for r in collector.reductions]

@@ -99,6 +99,10 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-node plan; write nothing")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="skip validation against the float model")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables")] = False,
+    custom_ops: Annotated[
+        list[Path] | None,
+        typer.Option("--custom-ops", help="onnxruntime kernel library for the model's custom ops (repeatable)"),
+    ] = None,
 ) -> None:
     """Quantize MODEL with a recipe, validate it against the float model, and write MODEL.q.onnx.
 
@@ -115,8 +119,10 @@ def run(
     Exit codes: 0 ok, 2 bad input (model, recipe, data), 3 validation gates failed (output still written).
     """
     from onnxq.errors import GateFailure
+    from onnxq.ort_session import use_custom_ops
     from onnxq.runner import run as run_recipe
 
+    use_custom_ops(custom_ops or [])
     show = not quiet and sys.stderr.isatty()
     try:
         result = run_recipe(
@@ -274,6 +280,10 @@ def validate(
     whatif: Annotated[int, typer.Option(help="re-validate with this many top culprits kept in float")] = 5,
     threads: Annotated[int, typer.Option(help="threads for the latency measurement")] = 1,
     report: Annotated[Path | None, typer.Option(help="write the report here (.html, with a .json beside it)")] = None,
+    custom_ops: Annotated[
+        list[Path] | None,
+        typer.Option("--custom-ops", help="onnxruntime kernel library for the model's custom ops (repeatable)"),
+    ] = None,
 ) -> None:
     """Compare a quantized model with its float original on the same data: per-output and per-slice metrics,
     latency, which ops run on integer kernels, and (when a gate fails) which nodes lost the accuracy.
@@ -285,9 +295,12 @@ def validate(
     from onnxq import ir as onnxq_ir
     from onnxq.calibration.readers import input_specs, open_data
     from onnxq.errors import GateFailure, UsageError, did_you_mean
+    from onnxq.ort_session import use_custom_ops
     from onnxq.recipe import Gates, ValidateConfig
     from onnxq.runner import diagnose
     from onnxq.validate import PROVIDERS, validate_models
+
+    use_custom_ops(custom_ops or [])
 
     names = [p.strip() for p in providers.split(",") if p.strip()]
     for name in names:

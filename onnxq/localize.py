@@ -116,11 +116,9 @@ def _exposed(proto: onnx.ModelProto, names: Iterable[str]) -> bytes:
 
 
 def _session(model: bytes, provider: str):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
+    from onnxq.ort_session import session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=[PROVIDERS[provider]])
+    return session(model, [PROVIDERS[provider]])
 
 
 def localize(
@@ -292,14 +290,18 @@ def realization(quant_model: onnx.ModelProto | str | Path, provider: str = "cpu"
 
     import onnxruntime as ort
 
+    from onnxq.ort_session import session
+
     proto = _proto(quant_model)
     with tempfile.TemporaryDirectory(prefix="onnxq-ep-") as folder:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
-        ort.InferenceSession(proto.SerializeToString(), options, providers=[PROVIDERS[provider]])
-        optimized = onnx.load(options.optimized_model_filepath)
+        optimized_path = Path(folder) / "optimized.onnx"
+        session(
+            proto.SerializeToString(),
+            [PROVIDERS[provider]],
+            optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            optimized_path=optimized_path,
+        )
+        optimized = onnx.load(optimized_path)
     integer: dict[str, int] = {}
     floats: dict[str, int] = {}
     producers = {out: node for node in optimized.graph.node for out in node.output}

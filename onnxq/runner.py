@@ -21,6 +21,7 @@ from onnxq import ir as onnxq_ir
 from onnxq import registry
 from onnxq.calibration.readers import input_specs, open_data, rebatch
 from onnxq.errors import GateFailure, RecipeError
+from onnxq.ort_session import MissingKernel
 from onnxq.pass_base import Pass, PassContext
 from onnxq.qspec import SHARED_SCALE_OPS, NodeQuant, get_qspec
 from onnxq.recipe import Recipe, load_recipe
@@ -237,18 +238,22 @@ def _validate(
         return [ValidationResult("cpu", 0, [], skipped="skipped: no validation data (pass --data or --calib)")]
     specs = input_specs(model)
     reader = open_data(source, specs, cfg.num_samples, recipe.calibration.seed, extras=(cfg.labels,))
-    return validate_models(
-        float_model,
-        quant_path,
-        reader,
-        specs,
-        providers=list(cfg.providers),
-        labels=cfg.labels,
-        batch_size=cfg.batch_size,
-        gates=cfg.gates,
-        slice_axis=cfg.slice_axis,
-        metric=cfg.metric,
-    )
+    try:
+        return validate_models(
+            float_model,
+            quant_path,
+            reader,
+            specs,
+            providers=list(cfg.providers),
+            labels=cfg.labels,
+            batch_size=cfg.batch_size,
+            gates=cfg.gates,
+            slice_axis=cfg.slice_axis,
+            metric=cfg.metric,
+        )
+    except MissingKernel as missing:  # the model is written and may run where that kernel exists
+        why = f"skipped: onnxruntime has no kernel for {missing.op} (pass --custom-ops LIB to validate)"
+        return [ValidationResult("cpu", 0, [], skipped=why)]
 
 
 def _diagnose(  # type: ignore[no-untyped-def]

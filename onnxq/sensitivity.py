@@ -113,12 +113,9 @@ def _install(job: _Job) -> None:
 
 
 def _session(model: bytes, threads: int):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
+    from onnxq.ort_session import session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return session(model, threads=threads)
 
 
 def _metric(job: _Job) -> Callable[..., float] | None:

@@ -149,15 +149,10 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _session(model: bytes | str | Path, provider: str, threads: int = 0):
-    import onnxruntime as ort
+def _session(model: bytes | str | Path, provider: str, threads: int = 0):  # type: ignore[no-untyped-def]
+    from onnxq.ort_session import session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=[PROVIDERS[provider]])
+    return session(model, [PROVIDERS[provider]], threads)
 
 
 def available_providers() -> list[str]:

@@ -98,6 +98,10 @@ def _unwritable_folder(folder: Path) -> list[str]:
     return ["run", str(_model(folder)), "-o", str(locked / "out.onnx"), "--calib", str(_calib(folder))]
 
 
+def _missing_custom_op_library(folder: Path) -> list[str]:
+    return _run(folder, "--calib", _calib(folder), "--custom-ops", folder / "libmissing.so")
+
+
 CASES: dict[str, tuple[Setup, str]] = {
     "not a file": (_not_a_file, "is not a file"),
     "not ONNX": (_not_onnx, "not a readable ONNX model"),
@@ -114,6 +118,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     "recipe: impossible order": (_recipe("passes:\n  - insert_qdq: {}\n  - assign_precision: {}\n"), "after"),
     "output equal to input": (_same_output, "is the input model"),
     "output folder not writable": (_unwritable_folder, "not writable"),
+    "custom-op library missing": (_missing_custom_op_library, "libmissing.so' does not exist"),
 }
 
 

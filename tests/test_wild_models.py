@@ -237,7 +237,8 @@ def test_int8_takes_opsets_10_to_23(tmp_path: Path, opset: int) -> None:
     weight_axes = {
         n.input[0]: n.attribute[0].i for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.attribute
     }
-    assert weight_axes == {"wc_quantized": 0, "bc_quantized": 0, "wm_quantized": 1}  # per-channel
+    # per-channel; the MatMul + Add is a Gemm by then, so its bias is int32 too (QGemm)
+    assert weight_axes == {"wc_quantized": 0, "bc_quantized": 0, "wm_quantized": 1, "bm_quantized": 0}
     assert main_ops(output)["QuantizeLinear"] == 3
     feeds = {"x": np.random.default_rng(1).uniform(0, 1, (8, 3, 8, 8)).astype(np.float32)}
     (reference,), (quantized_out,) = run_each(source, feeds), run_each(output, feeds)
@@ -273,7 +274,8 @@ def test_constant_node_weights_at_opset_11_and_12_become_per_channel_int8(tmp_pa
     assert inits["wc_quantized"].dtype == np.int8 and inits[dq["wc_quantized"].input[1]].shape == (64,)
     assert inits["wm_quantized"].dtype == np.int8 and inits[dq["wm_quantized"].input[1]].shape == (128,)
     assert not [n for n, a in inits.items() if a.dtype == np.float32 and a.size >= 64 * 27]  # no float copy kept
-    assert output.stat().st_size < 0.4 * source.stat().st_size
+    assert inits["bm_quantized"].dtype == np.int32  # the MatMul + Add became a Gemm: QGemm takes an int32 bias
+    assert output.stat().st_size < 0.42 * source.stat().st_size  # int8 weights; the int32 biases carry scales
     feeds = {"x": np.random.default_rng(1).uniform(0, 1, (8, 3, 8, 8)).astype(np.float32)}
     (reference,), (quantized_out,) = run_each(source, feeds), run_each(output, feeds)
     assert sqnr_db(reference, quantized_out) > 30
@@ -298,6 +300,30 @@ def test_an_unknown_custom_op_stays_float_and_the_graph_before_it_is_quantized(t
     assert (ops["QuantizeLinear"], ops["DequantizeLinear"], ops["Conv"], ops["MatMul"]) == (2, 3, 2, 1)
     conv = next(n for n in quantized.graph.node if n.name == "conv")
     assert conv.input[1] == "wc_dequantized"  # the conv before the custom op has int8 weights
+
+
+def test_validating_a_model_onnxruntime_cannot_run_is_skipped_by_run_and_refused_by_validate(tmp_path: Path) -> None:
+    """`run` writes the model (it may run where the op's kernel exists) and says validation was skipped;
+    `validate`, asked to run it, refuses with one line naming the op and --custom-ops."""
+    import subprocess
+    import sys
+
+    x = np.random.default_rng(0).uniform(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    onnx.save(custom_op_model("com.example", "MyOp"), tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = onnxq.run(tmp_path / "model.onnx", "int8", calib=str(tmp_path / "calib.npz"), output=tmp_path / "q.onnx")
+    assert result.output is not None and result.output.exists()
+    ((skipped,),) = [[v.skipped] for v in result.validation]
+    assert skipped == "skipped: onnxruntime has no kernel for com.example:MyOp (pass --custom-ops LIB to validate)"
+    cli = subprocess.run(
+        [sys.executable, "-m", "onnxq", "validate", "model.onnx", "q.onnx", "--data", "calib.npz"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    assert "no kernel for com.example:MyOp" in cli.stderr and "--custom-ops" in cli.stderr
 
 
 def test_a_loop_whose_body_holds_a_custom_op_stays_float_and_the_rest_is_quantized(tmp_path: Path) -> None:
