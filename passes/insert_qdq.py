@@ -481,6 +481,13 @@ class InsertQDQ(Pass):
                     f"{sorted(wide)} Q/DQ need opset 21, the model is at opset {opset}",
                     "add '- upgrade_opset: {target: 21}' before insert_qdq",
                 )
+        per_channel = sorted({s.granularity for s in plan.spec.values() if not s.is_float} - {"tensor"})
+        if per_channel:
+            raise OnnxqError(
+                f"activations granularity {per_channel[0]} is not supported: onnxruntime's integer kernels take one "
+                "scale per activation tensor",
+                "use activations granularity: tensor (weights granularity: channel keeps per-channel ranges)",
+            )
         blocked = [n.name for n, s in compute if s.weights.granularity == "block"]
         if blocked:
             raise OnnxqError(

@@ -102,6 +102,10 @@ def _missing_custom_op_library(folder: Path) -> list[str]:
     return _run(folder, "--calib", _calib(folder), "--custom-ops", folder / "libmissing.so")
 
 
+def _per_channel_activations(folder: Path) -> list[str]:
+    return _run(folder, "--calib", _calib(folder), "--set", "defaults.activations.granularity=channel")
+
+
 CASES: dict[str, tuple[Setup, str]] = {
     "not a file": (_not_a_file, "is not a file"),
     "not ONNX": (_not_onnx, "not a readable ONNX model"),
@@ -118,6 +122,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     "recipe: impossible order": (_recipe("passes:\n  - insert_qdq: {}\n  - assign_precision: {}\n"), "after"),
     "output equal to input": (_same_output, "is the input model"),
     "output folder not writable": (_unwritable_folder, "not writable"),
+    "recipe: per-channel activations": (_per_channel_activations, "activations granularity channel"),
     "custom-op library missing": (_missing_custom_op_library, "libmissing.so' does not exist"),
 }
 
