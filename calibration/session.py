@@ -339,12 +339,6 @@ def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
     return {k: v for k, v in types.items() if v}
 
 
-def make_session(proto: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0):
-    from onnxq.ort_session import session
-
-    return session(proto.SerializeToString(), providers, threads)
-
-
 def collect_ranges(
     model: ir.Model,
     names: list[str],
@@ -379,6 +373,7 @@ def collect_ranges(
         method,
         dict(collector_settings),
         batch_size,
+        onnxq_ir.external_data_dir(model),
     )
     if workers > 1 or executor is not None:
         shards = max(workers, 1)
@@ -412,11 +407,13 @@ class _ShardJob:
     method: str
     settings: dict[str, object]
     batch_size: int
+    external_data_dir: str | None = None  # where the weights that the bytes refer to are
 
     def run(self, data, shard: int, shards: int, collector=None, advance=lambda _n: None):  # type: ignore[no-untyped-def]
         from onnxq.ort_session import session as open_session
 
-        session = open_session(self.model, threads=max(1, (os.cpu_count() or 1) // shards) if shards > 1 else 0)
+        threads = max(1, (os.cpu_count() or 1) // shards) if shards > 1 else 0
+        session = open_session(self.model, threads=threads, external_data_dir=self.external_data_dir)
         collector = collector or make_collector(self.method, self.settings)
         inputs = {spec.name for spec in self.specs}
         wanted = [f"{n}{SUFFIX}{r}" for n in self.names for r in collector.reductions]

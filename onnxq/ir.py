@@ -137,7 +137,7 @@ def save(
     fix_ir_version(model)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
-        if max_shard_bytes is not None or _total_weight_bytes(model) >= TWO_GB or _external_tensors(model):
+        if max_shard_bytes is not None or total_weight_bytes(model) >= TWO_GB or _external_tensors(model):
             ir.save(model, staging / path.name, external_data=f"{path.name}.data", max_shard_size_bytes=max_shard_bytes)
         else:
             ir.save(model, staging / path.name)
@@ -155,10 +155,21 @@ def save(
     return path
 
 
-def _total_weight_bytes(model: ir.Model) -> int:
+def total_weight_bytes(model: ir.Model) -> int:
     return sum(
         v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None
     )
+
+
+def external_weight_bytes(model: ir.Model) -> int:
+    """Bytes of the weights still in external data files (not read by this count)."""
+    return sum(t.nbytes for t in _external_tensors(model))
+
+
+def external_data_dir(model: ir.Model) -> str | None:
+    """The folder the model's external weights are relative to (None when all are inline): a session on the
+    serialized bytes needs it to find them."""
+    return next((str(t.base_dir) for t in _external_tensors(model) if t.base_dir), None)
 
 
 def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:

@@ -115,10 +115,10 @@ def _exposed(proto: onnx.ModelProto, names: Iterable[str]) -> bytes:
     return clone.SerializeToString()
 
 
-def _session(model: bytes, provider: str):  # type: ignore[no-untyped-def]
+def _session(model: bytes, provider: str, external_data_dir: Path | None = None):  # type: ignore[no-untyped-def]
     from onnxq.ort_session import session
 
-    return session(model, [PROVIDERS[provider]])
+    return session(model, [PROVIDERS[provider]], external_data_dir=external_data_dir)
 
 
 def localize(
@@ -130,13 +130,15 @@ def localize(
     provider: str = "cpu",
     slice_axis: int | None = 1,
     batch_size: int = 1,
+    reference_dir: Path | None = None,
 ) -> Localization:
-    """Rank the float graph's nodes by how much quality their output loses in the quantized model."""
+    """Rank the float graph's nodes by how much quality their output loses in the quantized model.
+    `reference_dir`: where the float model's external data files are, when it is given as a proto."""
     reference, quantized = _proto(float_model), _proto(quant_model)
     float_tensors = _float_tensors(reference)
     quant_outputs = {out for node in quantized.graph.node for out in node.output}
     names = [n for n in float_tensors if n in quant_outputs]
-    ref_session = _session(_exposed(reference, names), provider)
+    ref_session = _session(_exposed(reference, names), provider, reference_dir)
     test_session = _session(_exposed(quantized, names), provider)
     feed_names = {s.name for s in specs}
     accs = {n: _Accumulator(slice_axis=slice_axis) for n in names}
@@ -164,7 +166,8 @@ def localize(
         inputs = [quality.get(i, EXACT_DB) for i in node.input if i and i in float_tensors]
         out_q, in_q = min(outputs), min(inputs, default=EXACT_DB)
         name = node.name or node.output[0]
-        nodes.append(NodeError(name, node.op_type, out_q, in_q, in_q - out_q, name in rounded))
+        touched = name in rounded or any(f"output:{o}" in rounded for o in node.output)
+        nodes.append(NodeError(name, node.op_type, out_q, in_q, in_q - out_q, touched))
     nodes.sort(key=lambda n: n.drop_db, reverse=True)
     return Localization(provider, samples, nodes, tensors)
 
@@ -184,6 +187,7 @@ def _rounding_nodes(model: onnx.ModelProto) -> set[str]:
         feeds = any("QuantizeLinear" in readers.get(v, ()) for v in node.output)
         if fed or feeds or node.op_type in INTEGER_KERNELS:
             found.add(node.name or node.output[0])
+            found.update(f"output:{o}" for o in node.output)  # a node renamed by a lowering keeps its outputs
     return found
 
 

@@ -58,8 +58,11 @@ def session(
     threads: int = 0,
     optimization: Any | None = None,
     optimized_path: str | Path | None = None,
+    external_data_dir: str | Path | None = None,
 ):  # type: ignore[no-untyped-def]
-    """An InferenceSession on `model` (bytes or a path); `optimization` is an ort.GraphOptimizationLevel."""
+    """An InferenceSession on `model` (bytes or a path); `optimization` is an ort.GraphOptimizationLevel.
+    Bytes whose initializers live in external data files need `external_data_dir`, the folder those paths
+    are relative to (a path input carries its own)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -70,6 +73,8 @@ def session(
         options.graph_optimization_level = optimization
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if external_data_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
     for library in custom_op_libraries():
         options.register_custom_ops_library(library)
     source = model if isinstance(model, bytes) else str(model)

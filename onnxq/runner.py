@@ -298,7 +298,9 @@ def diagnose(  # type: ignore[no-untyped-def]
         return found
     source = reference if reference is not None else float_model
     reference_proto = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
-    located = loc.localize(reference_proto, quant_path, reader, specs, slice_axis=cfg.slice_axis)
+    # the pre-lowering snapshot keeps external weights by reference, relative to the input model's folder
+    folder = Path(float_model).parent if isinstance(source, bytes) and isinstance(float_model, Path) else None
+    located = loc.localize(reference_proto, quant_path, reader, specs, slice_axis=cfg.slice_axis, reference_dir=folder)
     if cfg.whatif_top:
         kept, unchanged = loc.keep_float(onnx.load(str(quant_path)), located.top(cfg.whatif_top))
         (after,) = validate_models(

@@ -132,6 +132,7 @@ class MixedPrecision(Pass):
         base = {i: get_qspec(n) for i, n in enumerate(nodes)}
         reference = self._reference_config(groups, base)
         candidates = {i: self._candidates(model, nodes[i]) for i in groups}
+        self._weights_in_memory(model)
         float_bytes = onnxq_ir.model_bytes(model)
 
         tick = time.perf_counter()
@@ -207,6 +208,20 @@ class MixedPrecision(Pass):
             }
         )
         return ir.passes.PassResult(model, modified=True)
+
+    def _weights_in_memory(self, model: ir.Model) -> None:
+        """Every variant is lowered from and run on the serialized model, so external weights are read in
+        (a model this pass can measure fits in memory; one over 2 GB cannot be serialized at all)."""
+        external = onnxq_ir.external_weight_bytes(model)
+        if not external:
+            return
+        if onnxq_ir.total_weight_bytes(model) >= onnxq_ir.TWO_GB:
+            raise UsageError(
+                "mixed_precision lowers and runs every variant in memory, and this model's weights exceed 2 GB",
+                "choose precisions with assign_precision rules and quantize_weights instead",
+            )
+        ir.external_data.load_to_model(model)
+        self.context.notes.append(f"mixed_precision: read {external / 2**20:.0f} MB of external weights into memory")
 
     # --- what can be chosen ----------------------------------------------------------------------------
 

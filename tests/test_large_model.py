@@ -77,6 +77,44 @@ def test_rtn_int4_of_an_external_data_model_streams_and_writes_external_data(lar
     assert sqnr_db(_logits(large, ids), _logits(out, ids)) > 14.0
 
 
+def test_localization_of_an_external_data_model_reads_the_weights_where_they_are(large: Path, tmp_path: Path) -> None:
+    """The float graph kept before lowering refers to the input's .data file; its session is told where that is."""
+    ids = np.random.default_rng(1).integers(0, SHAPE.vocab, (4, 16)).astype(np.int64)
+    np.savez(tmp_path / "ids.npz", **{make_large.INPUT_NAME: ids})
+    out = tmp_path / "decoder.q.onnx"
+    sets = ["validate.localize=always", "validate.whatif_top=2"]
+    for recipe in ("w8-block", "int8"):  # MatMulNBits (renamed nodes), then Q/DQ (what-if can keep two in float)
+        result = onnxq.run(large, recipe, calib=str(tmp_path / "ids.npz"), output=out, overrides=sets)
+        located = result.localization
+        assert located is not None and located["samples"] == 4
+        ranked = [n for n in located["nodes"] if n["quantized"] and n["op_type"] == "MatMul"]
+        assert len(ranked) >= 6 * SHAPE.layers, recipe  # every quantized MatMul was matched and measured
+    assert located["whatif"] is not None and len(located["whatif"]["kept_float"]) == 2
+
+
+@pytest.fixture(scope="module")
+def small_external(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_large.write_model(tmp_path_factory.mktemp("small") / "decoder.onnx", SMALL)
+
+
+SMALL = make_large.Dims(hidden=128, layers=2, vocab=2048, heads=4)  # 4 MB, weights in decoder.onnx.data
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8-transformer", "int4-weight", "mixed"])
+def test_recipes_that_calibrate_read_external_weights_where_they_are(
+    small_external: Path, tmp_path: Path, recipe: str
+) -> None:
+    """Calibration, Hessians (GPTQ) and sensitivity variants all run sessions on serialized bytes whose
+    weights stay in the input's .data file; none may lose track of it, nor write next to the input."""
+    before = _digests(small_external.parent)
+    ids = np.random.default_rng(2).integers(0, SMALL.vocab, (8, 16)).astype(np.int64)
+    np.savez(tmp_path / "ids.npz", **{make_large.INPUT_NAME: ids})
+    out = tmp_path / f"{recipe}.onnx"
+    onnxq.run(small_external, recipe, calib=str(tmp_path / "ids.npz"), output=out, validate=False)
+    assert _digests(small_external.parent) == before
+    assert sqnr_db(_logits(small_external, ids[:2]), _logits(out, ids[:2])) > 10.0
+
+
 def test_fingerprint_does_not_read_external_weights(large: Path) -> None:
     model = onnxq_ir.load(large)
     first = onnxq_ir.model_fingerprint(model)
