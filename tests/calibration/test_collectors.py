@@ -117,10 +117,11 @@ def test_histogram_methods_through_onnxruntime(method: str) -> None:
 
 
 def test_sampling_caps_the_elements_shipped_per_tensor() -> None:
-    from onnxq.calibration.session import augmented_model, make_session
+    from onnxq.calibration.session import augmented_model
+    from onnxq.ort_session import session as open_session
 
     model = onnxq_ir.from_proto(small_cnn())
-    session = make_session(augmented_model(model, ["r1"], ("sample",), sample_per_tensor=100))
+    session = open_session(augmented_model(model, ["r1"], ("sample",), sample_per_tensor=100).SerializeToString())
     (sample,) = session.run(["r1__onnxq_sample"], {"x": cnn_data(4)})
     total = 4 * 8 * 8 * 8
     assert 100 >= sample.size >= total // -(-total // 100)
