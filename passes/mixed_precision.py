@@ -452,7 +452,7 @@ class MixedPrecision(Pass):
         """Sequential re-linearisation: around the current plan P, measure P with one group switched to each
         other candidate, take the loss changes as the knapsack's table (shifted per group to be >= 0, which
         changes no argmin), solve under the same budget, and keep the new plan only if it measures better.
-        Returns the plan (as a Solution whose loss is the measured one) and one record per round."""
+        Returns the kept plan (its loss the measured one once a round was kept) and one record per round."""
         from onnxq.calibration.session import _progress
 
         cfg = self.config
