@@ -330,7 +330,7 @@ def validate(
     summary = {
         "input": str(float_model),
         "output": str(quant_model),
-        "sizes": {"input_bytes": float_model.stat().st_size, "output_bytes": quant_model.stat().st_size},
+        "sizes": {"input_bytes": onnxq_ir.file_bytes(float_model), "output_bytes": onnxq_ir.file_bytes(quant_model)},
         "validation": [r.to_json() for r in results],
         "passed": all(r.passed for r in results),
         "latency": found["latency"],

@@ -161,6 +161,24 @@ def total_weight_bytes(model: ir.Model) -> int:
     )
 
 
+def file_bytes(path: str | os.PathLike) -> int:
+    """Size of a model on disk: the .onnx file and every external data file it refers to (read without
+    loading the weights)."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    graphs = [proto.graph]
+    locations: set[str] = set()
+    while graphs:
+        graph = graphs.pop()
+        for tensor in graph.initializer:
+            locations.update(e.value for e in tensor.external_data if e.key == "location")
+        for node in graph.node:
+            for attribute in node.attribute:
+                graphs.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
+    data = [path.parent / location for location in locations]
+    return path.stat().st_size + sum(file.stat().st_size for file in data if file.is_file())
+
+
 def external_weight_bytes(model: ir.Model) -> int:
     """Bytes of the weights still in external data files (not read by this count)."""
     return sum(t.nbytes for t in _external_tensors(model))

@@ -94,6 +94,9 @@ class ValidateConfig(_Strict):
 class OutputConfig(_Strict):
     path: str | None = Field(None, description="output model; default <input>.q.onnx beside the input")
     report: bool = Field(True, description="write <output>.report.json")
+    max_shard_bytes: int | None = Field(
+        None, gt=0, description="write the weights as external data in files of at most this many bytes"
+    )
 
 
 class Recipe(_Strict):

@@ -190,10 +190,12 @@ def run(
     if context.stats_fingerprint:
         working.metadata_props["onnxq.stats_fingerprint"] = context.stats_fingerprint
     assert out_path is not None
-    result.output = onnxq_ir.save(working, out_path, source=source_path)
-    result.sizes = {"output_bytes": out_path.stat().st_size}
+    result.output = onnxq_ir.save(
+        working, out_path, source=source_path, max_shard_bytes=resolved.output.max_shard_bytes
+    )
+    result.sizes = {"output_bytes": onnxq_ir.file_bytes(out_path)}  # with their .data files
     if source_path is not None:
-        result.sizes["input_bytes"] = source_path.stat().st_size
+        result.sizes["input_bytes"] = onnxq_ir.file_bytes(source_path)
     do_validate = resolved.validate_.enabled if validate is None else validate
     if do_validate:
         result.validation = _validate(resolved, float_reference, out_path, working, data or calib)

@@ -149,6 +149,19 @@ def test_save_in_shards(large: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(_logits(out, ids), _logits(large, ids))
 
 
+def test_a_recipe_can_shard_its_output_and_sizes_count_the_data_files(small_external: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    sets = ["output.max_shard_bytes=1000000", *RTN]
+    result = onnxq.run(small_external, "w8-block", output=out, overrides=sets, validate=False)
+    shards = sorted(p for p in tmp_path.iterdir() if p.name.startswith("q-") and p.name.endswith(".onnx.data"))
+    assert len(shards) >= 2 and _locations(out) == {p.name for p in shards}
+    assert result.sizes["output_bytes"] == out.stat().st_size + sum(p.stat().st_size for p in shards)
+    data = small_external.with_name(small_external.name + ".data")
+    assert result.sizes["input_bytes"] == small_external.stat().st_size + data.stat().st_size
+    ids = np.arange(8, dtype=np.int64)[None]
+    assert sqnr_db(_logits(small_external, ids), _logits(out, ids)) > 25
+
+
 def test_a_missing_data_file_is_a_usage_error(large: Path, tmp_path: Path) -> None:
     alone = tmp_path / large.name
     alone.write_bytes(large.read_bytes())  # the .onnx without its .data
