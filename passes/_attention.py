@@ -29,7 +29,7 @@ HEAD_PERM = (0, 2, 1, 3)  # [B, S, H, D] ↔ [B, H, S, D]
 class ValuePath:
     """Value projection → (bias Add) → head split → attention·V → head merge, the merged input of W_o."""
 
-    projection: ir.Node  # MatMul(x, W_v)
+    projection: ir.Node | None  # MatMul(x, W_v), if that is what produces V (a Split of a fused QKV is not)
     bias: ir.Node | None  # Add(x·W_v, b_v)
     merged: ir.Value  # [B, S, H·D], channel for channel the projection's output
 
@@ -84,6 +84,8 @@ def value_path(attention: ir.Node) -> ValuePath | None:
         source = _bias_operand(bias)
         producer = source.producer() if source is not None else None
     if producer is None or producer.op_type != "MatMul" or _only_use(producer.outputs[0]) is None:
+        producer = None
+    if producer is None and bias is None:
         return None
     return ValuePath(producer, bias, merge.outputs[0])
 
@@ -101,7 +103,7 @@ def fold_scale_into_value_projection(
     source, _ = _transposes_back(merge.inputs[0])
     attention = source.producer() if source is not None else None
     path = value_path(attention) if attention is not None else None
-    if path is None or path.merged is not merged:
+    if path is None or path.merged is not merged or path.projection is None:
         return False
     weight = constant_array(path.projection.inputs[1])
     bias = _bias_array(path.bias) if path.bias is not None else None
@@ -161,11 +163,11 @@ def _bias_array(node: ir.Node) -> np.ndarray | None:
     """b of Add(x, b) with b a 1-D constant over x's last axis and x read by nothing else."""
     if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
-    operand = _bias_operand(node)
-    if operand is None or _only_use(operand) is None or operand.shape is None or operand.shape.rank() != 3:
+    operand, shape = _bias_operand(node), node.outputs[0].shape  # the sum's shape: the operand's may be unknown
+    if operand is None or _only_use(operand) is None or shape is None or shape.rank() != 3:
         return None
     bias = constant_array(node.inputs[1] if node.inputs[0] is operand else node.inputs[0])
-    if bias is None or bias.ndim != 1 or bias.shape[0] != operand.shape[-1] or _only_use(node.outputs[0]) is None:
+    if bias is None or bias.ndim != 1 or bias.shape[0] != shape[-1] or _only_use(node.outputs[0]) is None:
         return None
     return bias
 

@@ -151,12 +151,18 @@ def tiny_transformer(
 
 
 def bert_attention(
-    seed: int = 0, dim: int = 32, heads: int = 4, softmax_axis: int = -1, value_perm: tuple[int, ...] = (0, 2, 1, 3)
+    seed: int = 0,
+    dim: int = 32,
+    heads: int = 4,
+    softmax_axis: int = -1,
+    value_perm: tuple[int, ...] = (0, 2, 1, 3),
+    fused_qkv: bool = False,
 ) -> onnx.ModelProto:
     """A BERT (post-LN) self-attention block as torch exports it: Q/K/V projections with biases, heads split
     by Reshape [0, 0, H, D] and Transposes, Kᵀ by one (0, 2, 3, 1) Transpose, a scaled and masked softmax,
     heads merged back, the output projection with its bias, the residual and LayerNorm. The LayerNorm input
-    is read by the projections and the residual, so SmoothQuant cannot fold into it."""
+    is read by the projections and the residual, so SmoothQuant cannot fold into it. `fused_qkv`: one
+    MatMul for Q, K and V and a Split, as some exporters (and onnxsim) write it."""
     rng = np.random.default_rng(seed)
     f32 = np.float32
     width = dim // heads
@@ -175,9 +181,16 @@ def bert_attention(
     ]
     make = helper.make_node
     nodes = []
+    if fused_qkv:
+        inits.append(_init("wqkv", np.concatenate([numpy_helper.to_array(t) for t in inits[:3]], axis=1)))
+        inits.append(_init("qkv_split", np.array([dim, dim, dim], np.int64)))
+        nodes += [
+            make("MatMul", ["x", "wqkv"], ["qkv"], name="attention.self.qkv/MatMul"),
+            make("Split", ["qkv", "qkv_split"], ["q_mm", "k_mm", "v_mm"], axis=-1, name="qkv_split"),
+        ]
     for p in "qkv":
         nodes += [
-            make("MatMul", ["x", f"w{p}"], [f"{p}_mm"], name=f"attention.self.{p}/MatMul"),
+            *([] if fused_qkv else [make("MatMul", ["x", f"w{p}"], [f"{p}_mm"], name=f"attention.self.{p}/MatMul")]),
             make("Add", [f"{p}_mm", f"b{p}"], [f"{p}_lin"], name=f"attention.self.{p}/Add"),
             make("Reshape", [f"{p}_lin", "split"], [f"{p}_heads"], name=f"{p}_split"),
         ]

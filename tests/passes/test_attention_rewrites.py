@@ -21,8 +21,9 @@ def _adds(model) -> int:  # type: ignore[no-untyped-def]
     return sum(n.op_type == "Add" for n in model.graph)
 
 
-def test_key_and_value_biases_fold_away_exactly() -> None:
-    proto = bert_attention()
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["separate", "fused-qkv-split"])
+def test_key_and_value_biases_fold_away_exactly(fused_qkv: bool) -> None:
+    proto = bert_attention(fused_qkv=fused_qkv)
     model = onnxq_ir.from_proto(proto)
     context = PassContext()
     Simplify({}, context)(model)
@@ -53,6 +54,18 @@ def _smooth(model, feeds):  # type: ignore[no-untyped-def]
     context = PassContext(calibration_data=lambda: iter(feeds))
     SmoothQuant({"alpha": 0.7}, context)(model)
     return context
+
+
+def test_a_value_from_a_fused_projection_keeps_the_output_projections_smoothing_mul() -> None:
+    """With V a Split output there is no value weight to rescale: the Mul stays, and the result is exact."""
+    proto = bert_attention(fused_qkv=True)
+    feeds = attention_feeds(8, seed=4)
+    model = onnxq_ir.from_proto(proto)
+    Simplify()(model)
+    _smooth(model, feeds)
+    muls = sorted(n.inputs[0].name for n in model.graph if n.op_type == "Mul" and n.name.endswith("_smooth"))
+    assert muls == ["merged", "x"]
+    np.testing.assert_allclose(_outputs(model, feeds), _outputs(proto, feeds), rtol=1e-4, atol=1e-4)
 
 
 def test_output_projection_smoothing_folds_into_the_value_projection() -> None:
