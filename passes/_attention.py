@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import add_initializer, constant_array
+from ._graph import add_initializer, constant_array, only_reader
 
 KEY_PERM = (0, 2, 3, 1)  # [B, S, H, D] → Kᵀ [B, H, D, S]
 HEAD_PERM = (0, 2, 1, 3)  # [B, S, H, D] ↔ [B, H, S, D]
@@ -44,7 +44,7 @@ def fold_attention_biases(graph: ir.Graph) -> int:
         if key_bias is not None:
             _bypass(graph, key_bias)
             removed += 1
-        attention = _only_use(softmax.outputs[0])
+        attention = only_reader(softmax.outputs[0])
         path = value_path(attention) if attention is not None else None
         if path is None or path.bias is None:
             continue
@@ -52,7 +52,7 @@ def fold_attention_biases(graph: ir.Graph) -> int:
         if out_bias is None:
             continue
         (add, b_o, index), b_v = out_bias, _bias_array(path.bias)
-        w_o = constant_array(_only_use(path.merged).inputs[1])  # type: ignore[union-attr]
+        w_o = constant_array(only_reader(path.merged).inputs[1])  # type: ignore[union-attr]
         if b_v is None or w_o is None:
             continue
         folded = (b_o.astype(np.float64) + b_v.astype(np.float64) @ w_o.astype(np.float64)).astype(b_o.dtype)
@@ -74,7 +74,7 @@ def value_path(attention: ir.Node) -> ValuePath | None:
     if perm != HEAD_PERM or split is None or not _is_head_split(split):
         return None
     merged, back = _transposes_forward(attention.outputs[0])
-    merge = _only_use(merged) if merged is not None else None
+    merge = only_reader(merged) if merged is not None else None
     if back != HEAD_PERM or merge is None or merge.op_type != "Reshape" or not _is_head_merge(merge):
         return None
     source = split.inputs[0]
@@ -83,7 +83,7 @@ def value_path(attention: ir.Node) -> ValuePath | None:
     if bias is not None:
         source = _bias_operand(bias)
         producer = source.producer() if source is not None else None
-    if producer is None or producer.op_type != "MatMul" or _only_use(producer.outputs[0]) is None:
+    if producer is None or producer.op_type != "MatMul" or only_reader(producer.outputs[0]) is None:
         producer = None
     if producer is None and bias is None:
         return None
@@ -125,7 +125,7 @@ def _key_bias(softmax: ir.Node) -> ir.Node | None:
     value = softmax.inputs[0]
     while value is not None:
         node = value.producer()
-        if node is None or _only_use(value) is None:
+        if node is None or only_reader(value) is None:
             return None
         if node.op_type in ("Mul", "Div") and _is_scalar_constant(node.inputs[1]):
             value = node.inputs[0]
@@ -134,7 +134,7 @@ def _key_bias(softmax: ir.Node) -> ir.Node | None:
         elif node.op_type == "MatMul":
             key_t, perm = _transposes_back(node.inputs[1])
             split = key_t.producer() if key_t is not None else None
-            if perm != KEY_PERM or split is None or not _is_head_split(split) or _only_use(key_t) is None:
+            if perm != KEY_PERM or split is None or not _is_head_split(split) or only_reader(key_t) is None:
                 return None
             bias = split.inputs[0].producer() if split.inputs[0] is not None else None
             return bias if bias is not None and _bias_array(bias) is not None else None
@@ -145,11 +145,11 @@ def _key_bias(softmax: ir.Node) -> ir.Node | None:
 
 def _output_projection_bias(merged: ir.Value) -> tuple[ir.Node, np.ndarray, int] | None:
     """(Add, b_o, index of b_o) for merged → MatMul(W_o) → Add(b_o), each step the only reader."""
-    projection = _only_use(merged)
+    projection = only_reader(merged)
     if projection is None or projection.op_type != "MatMul" or projection.inputs[0] is not merged:
         return None
     w_o = constant_array(projection.inputs[1])
-    add = _only_use(projection.outputs[0])
+    add = only_reader(projection.outputs[0])
     if w_o is None or w_o.ndim != 2 or add is None or add.op_type != "Add":
         return None
     for index, value in enumerate(add.inputs):
@@ -164,10 +164,10 @@ def _bias_array(node: ir.Node) -> np.ndarray | None:
     if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
     operand, shape = _bias_operand(node), node.outputs[0].shape  # the sum's shape: the operand's may be unknown
-    if operand is None or _only_use(operand) is None or shape is None or shape.rank() != 3:
+    if operand is None or only_reader(operand) is None or shape is None or shape.rank() != 3:
         return None
     bias = constant_array(node.inputs[1] if node.inputs[0] is operand else node.inputs[0])
-    if bias is None or bias.ndim != 1 or bias.shape[0] != shape[-1] or _only_use(node.outputs[0]) is None:
+    if bias is None or bias.ndim != 1 or bias.shape[0] != shape[-1] or only_reader(node.outputs[0]) is None:
         return None
     return bias
 
@@ -231,7 +231,7 @@ def _transposes_back(value: ir.Value | None) -> tuple[ir.Value | None, tuple[int
     perm: tuple[int, ...] | None = None
     while value is not None:
         node = value.producer()
-        if node is None or node.op_type != "Transpose" or _only_use(value) is None:
+        if node is None or node.op_type != "Transpose" or only_reader(value) is None:
             break
         step = tuple(node.attributes.get_ints("perm", ()) or ())
         if len(step) != 4:
@@ -245,7 +245,7 @@ def _transposes_forward(value: ir.Value) -> tuple[ir.Value | None, tuple[int, ..
     """Walk down single-reader Transposes from `value`: (their result, the composed permutation)."""
     perm: tuple[int, ...] | None = None
     while True:
-        node = _only_use(value)
+        node = only_reader(value)
         if node is None or node.op_type != "Transpose":
             return value, perm
         step = tuple(node.attributes.get_ints("perm", ()) or ())
@@ -253,11 +253,6 @@ def _transposes_forward(value: ir.Value) -> tuple[ir.Value | None, tuple[int, ..
             return None, None
         perm = step if perm is None else tuple(perm[p] for p in step)
         value = node.outputs[0]
-
-
-def _only_use(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def _is_scalar_constant(value: ir.Value | None) -> bool:

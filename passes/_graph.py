@@ -32,6 +32,12 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def only_reader(value: ir.Value) -> ir.Node | None:
+    """The one node that reads `value`, if exactly one does and it is not also a graph output."""
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+
 def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 

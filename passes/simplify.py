@@ -23,7 +23,7 @@ from onnxq import ir as onnxq_ir
 from onnxq.pass_base import Pass, PassConfig
 
 from ._attention import fold_attention_biases
-from ._graph import add_initializer, constant_array, replace_model
+from ._graph import add_initializer, constant_array, only_reader, replace_model
 
 # onnx-optimizer passes that make the graph slower on onnxruntime (see the module docstring).
 SKIPPED_OPTIMIZERS = ("fuse_matmul_add_bias_into_gemm_batched",)
@@ -153,7 +153,7 @@ def _matmul_biases_to_gemms(graph: ir.Graph) -> int:
         weight = constant_array(w)
         if a is None or a.shape is None or a.shape.rank() != 2 or weight is None or weight.ndim != 2:
             continue
-        add = _only_use(matmul.outputs[0])
+        add = only_reader(matmul.outputs[0])
         if add is None or add.op_type != "Add" or len(add.inputs) != 2:
             continue
         bias_value = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
@@ -181,14 +181,14 @@ def _gelus_in_fusable_order(graph: ir.Graph) -> int:
         if div is None or div.op_type != "Div" or not _is_scalar(div.inputs[1], np.sqrt(2.0)):
             continue
         x = div.inputs[0]
-        add = _only_use(erf.outputs[0])
+        add = only_reader(erf.outputs[0])
         if add is None or add.op_type != "Add" or not any(_is_scalar(v, 1.0) for v in add.inputs):
             continue
-        half_e = _only_use(add.outputs[0])  # 0.5 · E
+        half_e = only_reader(add.outputs[0])  # 0.5 · E
         if half_e is None or half_e.op_type != "Mul":
             continue
         half = _other_input(half_e, add.outputs[0])
-        gelu = _only_use(half_e.outputs[0])  # x · (0.5 · E)
+        gelu = only_reader(half_e.outputs[0])  # x · (0.5 · E)
         if not _is_scalar(half, 0.5) or gelu is None or gelu.op_type != "Mul":
             continue
         if _other_input(gelu, half_e.outputs[0]) is not x:
@@ -199,11 +199,6 @@ def _gelus_in_fusable_order(graph: ir.Graph) -> int:
         gelu.replace_input_with(1, add.outputs[0])
         rewritten += 1
     return rewritten
-
-
-def _only_use(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
