@@ -469,10 +469,9 @@ class MixedPrecision(Pass):
         rounds: list[dict] = []
         for _ in range(cfg.refine):
             switches = [(g.name, o.name) for g in groups for o in g.options if o.name != current.choice[g.name]]
+            plan = lowered(current.choice)
             with _progress(self.context.show_progress, "refining around the plan", len(switches)) as advance:
-                scores = evaluator.many(
-                    [{**lowered(current.choice), int(g): candidates[int(g)][c]} for g, c in switches], advance
-                )
+                scores = evaluator.many([{**plan, int(g): candidates[int(g)][c]} for g, c in switches], advance)
             delta = {k: s.loss(cfg.loss, reference) - current_loss for k, s in zip(switches, scores, strict=True)}
             table = []
             for g in groups:

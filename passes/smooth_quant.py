@@ -61,7 +61,7 @@ class _Target:
     """One activation and the (node, weight, layout) pairs that read it."""
 
     value: ir.Value
-    uses: list[tuple[ir.Node, np.ndarray, bool]] = field(default_factory=list)  # bool: weight is [N, K]
+    uses: list[tuple[ir.Node, bool]] = field(default_factory=list)  # bool: weight is [N, K] (read when smoothing)
 
 
 class SmoothQuant(Pass):
@@ -109,7 +109,7 @@ class SmoothQuant(Pass):
                 if node.attributes.get_int("transA", 0):
                     continue
                 transposed = bool(node.attributes.get_int("transB", 0))
-            found.setdefault(x.name, _Target(x)).uses.append((node, weight, transposed))
+            found.setdefault(x.name, _Target(x)).uses.append((node, transposed))
         # every reader of X must be smoothed with the same s, unless a Mul isolates the smoothed ones
         return list(found.values())
 
@@ -117,10 +117,10 @@ class SmoothQuant(Pass):
         """Smooth one activation; returns where 1/s went, or None when it was left alone."""
         k = act_max.shape[0]
         # read the weights now: smoothing an earlier activation may have rescaled them (value projections)
-        weights = [constant_array(node.inputs[1]) for node, _, _ in target.uses]
+        weights = [constant_array(node.inputs[1]) for node, _ in target.uses]
         if any(w is None for w in weights):
             return None
-        rows = [np.abs(w.T if transposed else w) for w, (_, _, transposed) in zip(weights, target.uses, strict=True)]
+        rows = [np.abs(w.T if transposed else w) for w, (_, transposed) in zip(weights, target.uses, strict=True)]
         if any(r.shape[0] != k for r in rows):
             return None
         w_max = np.max(np.stack([r.max(axis=1) for r in rows]), axis=0)
@@ -129,7 +129,7 @@ class SmoothQuant(Pass):
             scale = np.power(act_max, alpha) / np.power(w_max, 1.0 - alpha)
         scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
         scale = np.clip(scale, 1e-5, 1e5)
-        readers = [node for node, _, _ in target.uses]
+        readers = [node for node, _ in target.uses]
         producer = target.value.producer()
         policy = self.config.insert_mul
         allow_mul = policy == "always" or (
@@ -138,7 +138,7 @@ class SmoothQuant(Pass):
         done = divide_activation(graph, target.value, readers, scale, self.config.fold_scales, allow_mul=allow_mul)
         if done is None:
             return None
-        for weight, (node, _, transposed) in zip(weights, target.uses, strict=True):
+        for weight, (node, transposed) in zip(weights, target.uses, strict=True):
             new = weight * (scale[None, :] if transposed else scale[:, None])
             base = node.inputs[1].name  # type: ignore[union-attr]
             node.replace_input_with(1, add_initializer(graph, f"{base}_smoothed", new.astype(weight.dtype)))
