@@ -98,7 +98,6 @@ def main() -> None:
     parser.add_argument("--candidates", default="w4,w8", help="what greedy and MCKP may choose from")
     parser.add_argument("--heuristic", default="w4,w8", help="the heuristic's int4 and int8 candidates")
     parser.add_argument("--refine", type=int, default=0, help="also run exact and greedy with this many refine rounds")
-    parser.add_argument("--shortlist", type=int, default=0, help="also run exact measuring this many best plans")
     args = parser.parse_args()
     import onnxq
     from onnxq import mckp
@@ -163,21 +162,6 @@ def main() -> None:
             ]
             bound = mckp.lp_bound(table, budget * report["cost_fp32"] - report["cost_rest"])
             print(f"{'LP bound':12s} {'':>24s} {'':>7s} {bound:11.4g}   (no plan of this size predicts less)")
-            if args.shortlist:
-                run = onnxq.run(
-                    task.model,
-                    recipe({**mixed, "shortlist": args.shortlist}, [], args.samples),
-                    calib=task.calib,
-                    output=tmp / "shortlisted.onnx",
-                )
-                listed = run.artifacts["mixed_precision"]
-                plan = {g["node"]: g["choice"] for g in listed["groups"]}
-                predicted = sum(losses[n][plan[n]]["loss"] for n in losses)
-                size = Path(run.output).stat().st_size / fp32_size
-                label = f"shortlist {args.shortlist}"
-                print(f"{label:12s} {mix(plan):>24s} {size:7.4f} {predicted:11.4g} {task.score(str(run.output)):>28s}")
-                measured = ", ".join(f"{e['measured']:.4g}{'*' if e['kept'] else ''}" for e in listed["shortlist"])
-                print(f"{'':12s}   measured on calibration (* kept): {measured}")
             for solver in ("exact", "greedy") if args.refine else ():
                 label = f"{solver} + refine"
                 run = onnxq.run(

@@ -210,56 +210,6 @@ def solve_greedy(groups: Sequence[Group], budget: float) -> Solution | None:
     return _solution(groups, [opts[j] for opts, j in zip(kept, cur, strict=True)])
 
 
-def k_best(groups: Sequence[Group], budget: float, k: int, resolution: int = 2000) -> list[Solution]:
-    """The `k` lowest-loss choices within `budget`, best first (fewer if fewer fit): a DP that keeps k entries per cell.
-
-    Exact under the same rule as `solve_exact`. Dominated options are kept: a runner-up may use one. Greedy has no
-    runner-ups at all, which is what makes this worth having: where the table's losses are near-additive but not
-    quite, the plans just behind the predicted best are the ones worth measuring.
-    """
-    if math.isnan(budget) or resolution < 1 or k < 1:
-        raise ValueError("budget must be a number, resolution >= 1 and k >= 1")
-    if len({g.name for g in groups}) != len(groups):
-        raise ValueError("group names must be unique (they key the solution)")
-    ordered = [tuple(sorted(g.options, key=lambda o: (o.cost, o.loss))) for g in groups]
-    slack = budget - math.fsum(opts[0].cost for opts in ordered)
-    if slack < 0:
-        return []
-    step = _step(ordered)
-    exact = slack == 0 or (step > 0 and slack / step <= resolution)
-    unit = float(max(step, 1)) if exact else slack / resolution
-    cap = math.floor(slack / unit) if exact else resolution
-    weights = _units(ordered, unit, cap)
-    best = np.full((cap + 1, k), np.inf)
-    best[0, 0] = 0.0
-    backs: list[np.ndarray] = []
-    for opts, w in zip(ordered, weights, strict=True):
-        cand = np.full((cap + 1, len(opts), k), np.inf)
-        for j, (opt, wj) in enumerate(zip(opts, w, strict=True)):
-            if wj <= cap:
-                cand[wj:, j, :] = best[: cap + 1 - wj] + opt.loss
-        flat = cand.reshape(cap + 1, len(opts) * k)
-        keep = np.argsort(flat, axis=1, kind="stable")[:, :k]  # ties: the cheaper option, then the better rank
-        best = np.take_along_axis(flat, keep, axis=1)
-        if keep.shape[1] < k:  # fewer than k (option, rank) pairs so far: pad with impossible entries
-            best = np.pad(best, ((0, 0), (0, k - keep.shape[1])), constant_values=np.inf)
-            keep = np.pad(keep, ((0, 0), (0, k - keep.shape[1])))
-        backs.append(keep.astype(np.int32))
-    order = np.argsort(best.ravel(), kind="stable")[:k]  # ties: the lower discretised cost
-    out: list[Solution] = []
-    for cell in order:
-        if not np.isfinite(best.ravel()[cell]):
-            break
-        b, r = divmod(int(cell), k)
-        picks = [0] * len(ordered)
-        for g in range(len(ordered) - 1, -1, -1):
-            j, r = divmod(int(backs[g][b, r]), k)
-            picks[g] = j
-            b -= int(weights[g][j])
-        out.append(_solution(groups, [opts[j] for opts, j in zip(ordered, picks, strict=True)]))
-    return out
-
-
 def lp_bound(groups: Sequence[Group], budget: float) -> float | None:
     """Lower bound on the loss of any choice within `budget` (None if nothing fits): the LP relaxation, i.e.
     each group's lower convex hull walked by decreasing loss drop per cost, the last step taken in part.

@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from onnxq import ir as onnxq_ir
 from onnxq import mckp, sensitivity
@@ -95,12 +95,6 @@ class MixedPrecisionConfig(PassConfig):
         "noise", description="measured loss: relative noise energy, KL of softmax outputs, or the target's task metric"
     )
     solver: Literal["exact", "greedy"] = "exact"
-    shortlist: int = Field(
-        1,
-        ge=1,
-        description="budget mode, exact solver: measure the K plans the table predicts best at the budget (the DP's "
-        "runner-ups; greedy has none) and keep the one that measures best on the calibration samples",
-    )
     refine: int = Field(
         0,
         ge=0,
@@ -113,12 +107,6 @@ class MixedPrecisionConfig(PassConfig):
     workers: int | None = Field(None, ge=1, description="processes measuring variants; default calibration.workers")
     block_size: int = Field(32, ge=16, le=256, description="w8/w4 block size")
     latency_threads: int = Field(1, ge=0, description="onnxruntime threads when measuring latency costs")
-
-    @model_validator(mode="after")
-    def _shortlist_needs_exact(self) -> MixedPrecisionConfig:
-        if self.shortlist > 1 and self.solver != "exact":
-            raise ValueError("shortlist needs solver: exact (greedy yields a single plan); set shortlist: 1")
-        return self
 
 
 class MixedPrecision(Pass):
@@ -443,16 +431,12 @@ class MixedPrecision(Pass):
                     f"raise budget to at least {cheapest:.3f}, or add cheaper candidates",
                 )
             greedy = mckp.solve_greedy(groups, budget)
-            listed: list[dict] = []
-            if cfg.shortlist > 1:
-                found, listed = self._shortlist(groups, found, budget, evaluator, candidates)
             rounds: list[dict] = []
             if cfg.refine:
                 found, rounds = self._refine(groups, found, budget, evaluator, candidates)
             return found.choice, {
                 "front": front_json,
                 "chosen": {"cost_ratio": (found.cost + rest) / total_fp32, "loss": found.loss},
-                **({"shortlist": listed} if listed else {}),
                 **({"refine": rounds} if cfg.refine else {}),
                 "greedy": {
                     "cost_ratio": (greedy.cost + rest) / total_fp32,
@@ -463,31 +447,6 @@ class MixedPrecision(Pass):
                 else None,
             }
         return self._search_target(front, front_json, rest, total_fp32, evaluator, candidates)
-
-    def _shortlist(self, groups, found, budget, evaluator, candidates):  # type: ignore[no-untyped-def]
-        """The solver's plan and the next-best plans the table predicts at this budget, each measured whole; the
-        one that measures best is kept. Their predicted losses differ by less than the table's additivity error,
-        so measuring them is the cheap way to recover what the one-group-at-a-time table cannot see."""
-        from onnxq.calibration.session import _progress
-
-        cfg = self.config
-        plans = [found] + [p for p in mckp.k_best(groups, budget, cfg.shortlist) if p.choice != found.choice]
-        plans = plans[: cfg.shortlist]
-        reference = evaluator.metric_reference
-        changes = [{int(g): candidates[int(g)][c] for g, c in p.choice.items()} for p in plans]
-        with _progress(self.context.show_progress, "measuring the shortlist", len(plans)) as advance:
-            scores = evaluator.many(changes, advance)
-        measured = [s.loss(cfg.loss, reference) for s in scores]
-        pick = int(np.argmin(measured))  # ties: the solver's own plan, listed first
-        self.context.notes.append(
-            f"mixed_precision: shortlist of {len(plans)} plans measured; kept #{pick + 1} "
-            f"(measured {measured[pick]:.4g}, the solver's plan {measured[0]:.4g})"
-        )
-        listed = [
-            {"predicted": p.loss, "measured": m, "cost": p.cost, "kept": k == pick}
-            for k, (p, m) in enumerate(zip(plans, measured, strict=True))
-        ]
-        return plans[pick], listed
 
     def _refine(self, groups, found, budget, evaluator, candidates):  # type: ignore[no-untyped-def]
         """Sequential re-linearisation: around the current plan P, measure P with one group switched to each
