@@ -10,6 +10,7 @@ from .quantize_dynamic import QuantizeDynamic
 from .quantize_weights import QuantizeWeights
 from .simplify import Simplify
 from .smooth_quant import SmoothQuant
+from .upcast_fp16 import UpcastFP16
 from .upgrade_opset import UpgradeOpset
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "Simplify",
     "SmoothQuant",
     "ToMatMulNBits",
+    "UpcastFP16",
     "UpgradeOpset",
 ]

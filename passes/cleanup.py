@@ -17,6 +17,7 @@ from onnx_ir.passes.common import (
 from onnxq.pass_base import Pass, PassConfig
 
 from ._graph import subgraphs
+from ._half import restore_half_initializers
 
 
 class Cleanup(Pass):
@@ -24,8 +25,12 @@ class Cleanup(Pass):
     Config = PassConfig
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = False
-        for step in (RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass(), NameFixPass()):
+        modified = RemoveUnusedNodesPass()(model).modified
+        restored = restore_half_initializers(model)  # after dead code is gone: quantized weights are not kept
+        if restored:
+            self.context.notes.append(f"cleanup: {restored} initializers that stayed float are stored in half again")
+        modified |= restored > 0
+        for step in (RemoveUnusedOpsetsPass(), TopologicalSortPass(), NameFixPass()):
             modified |= step(model).modified
         modified |= _remove_unused_subgraph_initializers(model.graph) > 0
         return ir.passes.PassResult(model, modified=modified)

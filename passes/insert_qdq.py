@@ -287,7 +287,8 @@ class InsertQDQ(Pass):
             if plan.weight_only or biases:
                 return True
             self.context.notes.append(
-                "insert_qdq: nothing left to quantize (annotated ops are float16, or already in QDQ form)"
+                "insert_qdq: nothing left to quantize (annotated ops already in QDQ form, or in float16: put "
+                "`upcast_fp16: {}` first in the recipe, as the built-in recipes do)"
             )
             return False
         self._check_opset(opset, plan, compute_nodes)

@@ -18,6 +18,7 @@ def test_builtin_int8_is_the_file_under_recipes() -> None:
     by_file = load_recipe(REPO / "recipes" / "int8.yaml")
     assert by_name == by_file
     assert [name for name, _ in by_name.pass_configs()] == [
+        "upcast_fp16",
         "upgrade_opset",
         "simplify",
         "fold_batchnorm",
