@@ -66,6 +66,11 @@ FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 DEFAULT_TARGETS = sorted(COMPUTE_OPS | SHARED_SCALE_OPS)
 
 
+def _bool_or_auto(schema: dict) -> None:  # type: ignore[type-arg]
+    schema.pop("type", None)
+    schema["anyOf"] = [{"type": "boolean"}, {"const": "auto"}]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,11 +84,23 @@ class QuantSpec(_Frozen):
     block_size: int | None = Field(None, ge=16, le=256, description="elements per block (granularity=block)")
     symmetric: bool = False
     reduce_range: bool = Field(
-        False, description="7-bit range for 8-bit types: avoids int16 saturation in x86 kernels without VNNI"
+        False,
+        description="7-bit range for 8-bit types: avoids int16 saturation in x86 kernels without VNNI; 'auto' "
+        "decides by this CPU (true on x86 without VNNI)",
+        json_schema_extra=lambda schema: _bool_or_auto(schema),
     )
     dynamic: bool = Field(
         False, description="activations: quantized at run time (DynamicQuantizeLinear, uint8); no calibration"
     )
+
+    @field_validator("reduce_range", mode="before")
+    @classmethod
+    def _auto_range(cls, value: object) -> object:
+        if value == "auto":
+            from onnxq.cpu import int8_pairs_saturate
+
+            return int8_pairs_saturate()
+        return value
 
     @property
     def is_float(self) -> bool:
@@ -91,7 +108,7 @@ class QuantSpec(_Frozen):
 
 
 DEFAULT_ACTIVATIONS = QuantSpec(dtype="uint8", granularity="tensor", symmetric=False)
-DEFAULT_WEIGHTS = QuantSpec(dtype="int8", granularity="channel", symmetric=True, reduce_range=True)
+DEFAULT_WEIGHTS = QuantSpec(dtype="int8", granularity="channel", symmetric=True, reduce_range="auto")  # type: ignore[arg-type]
 
 
 class NodeQuant(_Frozen):

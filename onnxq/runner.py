@@ -170,6 +170,7 @@ def run(
     stats_path = Path(stats) if stats else (out_path.with_name(out_path.name + ".calib.json") if out_path else None)
     context = make_context(working, resolved, calib, show_progress, stats_path, explicit_stats=stats is not None)
     result = Result(working, None, resolved, notes=context.notes, artifacts=context.artifacts)
+    quantized_before = _quantized_ops(working)
     pre_lowering: bytes | None = None  # the float graph the quantized one was lowered from (localization)
     for pass_ in build_passes(resolved, context):
         if dry_run and (pass_.lowers or pass_.needs):
@@ -186,6 +187,19 @@ def run(
     if dry_run:
         result.plan = plan_of(working)
         return result
+    if _quantized_ops(working) <= quantized_before:
+        compute = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(working.graph) if n.op_type in COMPUTE)
+        found = ", ".join(f"{op}×{k}" for op, k in sorted(compute.items())) or "no Conv/MatMul/Gemm"
+        context.notes.insert(
+            0,
+            f"nothing was quantized by recipe '{resolved.name}' (this model has {found}); "
+            + (
+                "MatMul/Gemm-only recipes leave Convs alone: try --recipe int8; "
+                if compute and not compute.keys() & {"MatMul", "Gemm"}
+                else ""
+            )
+            + "`onnxq run MODEL --dry-run` shows what each node was given",
+        )
     working.metadata_props["onnxq.recipe"] = json.dumps(resolved.dump(), sort_keys=True)
     if context.stats_fingerprint:
         working.metadata_props["onnxq.stats_fingerprint"] = context.stats_fingerprint
@@ -212,6 +226,27 @@ def run(
         failure.result = result
         raise failure
     return result
+
+
+COMPUTE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulNBits"}
+    | {"MatMulInteger", "ConvInteger", "QGemm"}
+)
+
+
+def _quantized_ops(model: ir.Model) -> int:
+    """Nodes that hold quantized or half-precision data: Q/DQ, integer and n-bit kernels, inner fp16 Casts."""
+
+    def quantized(node: ir.Node) -> bool:
+        if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+            return True
+        to_half = node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.FLOAT16
+        return to_half and not any(v.is_graph_output() for v in node.outputs)
+
+    return sum(quantized(n) for n in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
 def _status(enabled: bool, text: str) -> contextlib.AbstractContextManager[object]:

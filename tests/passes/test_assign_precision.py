@@ -6,6 +6,7 @@ import numpy as np
 from builders import small_cnn
 
 from onnxq import ir as onnxq_ir
+from onnxq.cpu import int8_pairs_saturate
 from onnxq.pass_base import PassContext
 from onnxq.passes import AssignPrecision
 from onnxq.qspec import NodeQuant, QuantSpec, get_qspec
@@ -21,7 +22,10 @@ def test_defaults_cover_compute_and_data_movement_ops_only() -> None:
     specs = _specs()
     annotated = sorted(name for name, spec in specs.items() if spec is not None)
     assert annotated == ["concat", "conv1", "conv2", "conv_a", "conv_b", "fc", "flatten", "pool"]
-    assert specs["conv1"].weights == QuantSpec(dtype="int8", granularity="channel", symmetric=True, reduce_range=True)
+    saturating = int8_pairs_saturate()  # `reduce_range: auto`: 7-bit weights only where kernels need them
+    assert specs["conv1"].weights == QuantSpec(
+        dtype="int8", granularity="channel", symmetric=True, reduce_range=saturating
+    )
     assert specs["conv1"].activations.dtype == "uint8"
 
 
