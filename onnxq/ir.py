@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxq.errors import UsageError
+from onnxq.errors import OnnxqError, UsageError
 
 TWO_GB = 2**31
 
@@ -33,14 +33,29 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise UsageError(f"'{path}' is not a file", "pass the path of a .onnx file")
     _check_structure(path)
     try:
-        model = ir.load(path)
+        model = ir.load(path.resolve())  # absolute: external weights resolve the same from any folder
     except Exception as exc:  # protobuf raises a zoo of types for garbage input
+        causes = _causes(exc)
+        if any("Map types are not supported" in str(c) for c in causes):
+            raise UsageError(
+                f"'{path}' has map-typed values (scikit-learn's ZipMap output, for one), which onnxq cannot read",
+                "export without them (skl2onnx: options={id(model): {'zipmap': False}})",
+            ) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(
             f"'{path}' is not a readable ONNX model ({reason[:120]})",
             "pass an .onnx file exported by torch.onnx, tf2onnx or similar; a truncated download also ends here",
         ) from None
     return model
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    found: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in found:
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found
 
 
 def _check_structure(path: Path) -> None:
@@ -97,6 +112,24 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize for the protobuf edges (onnxsim, checker, onnxruntime); IR version fixed on the copy."""
     proto = ir.serde.serialize_model(model)
     proto.ir_version = min_ir_version(model)
+    return proto
+
+
+def proto_with_weights(model: ir.Model, purpose: str) -> onnx.ModelProto:
+    """`to_proto` with external weights read into the proto, for protobuf tools (onnxsim, the version
+    converter) that would resolve the data files against the current folder, or compare tensors by their
+    file references (onnxsim then merges different weights of one shape). The model itself is not changed.
+    Raises OnnxqError when the weights cannot fit one protobuf (2 GB)."""
+    proto = to_proto(model)
+    folder = external_data_dir(model)
+    if folder is None:
+        return proto
+    if total_weight_bytes(model) >= TWO_GB:
+        raise OnnxqError(
+            f"{purpose} needs the model in one protobuf, and its weights exceed 2 GB",
+            "leave that step out of the recipe for this model",
+        )
+    onnx.external_data_helper.load_external_data_for_model(proto, folder)
     return proto
 
 

@@ -20,10 +20,11 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedN
 from pydantic import Field
 
 from onnxq import ir as onnxq_ir
+from onnxq.errors import OnnxqError
 from onnxq.pass_base import Pass, PassConfig
 
 from ._attention import fold_attention_biases
-from ._graph import add_initializer, constant_array, only_reader, replace_model
+from ._graph import add_initializer, constant_array, is_constant, only_reader, replace_model
 
 # onnx-optimizer passes that make the graph slower on onnxruntime (see the module docstring).
 SKIPPED_OPTIMIZERS = ("fuse_matmul_add_bias_into_gemm_batched",)
@@ -32,6 +33,11 @@ SKIPPED_OPTIMIZERS = ("fuse_matmul_add_bias_into_gemm_batched",)
 class SimplifyConfig(PassConfig):
     onnxsim: bool = Field(True, description="run onnxsim (constant folding, dead code, redundant ops)")
     lift_constants: bool = Field(True, description="turn tensor-valued Constant nodes into initializers")
+    identities: bool = Field(
+        True,
+        description="remove Identity nodes: torch's legacy exporter reads weights it deduplicated through them, "
+        "which hides them from quantization",
+    )
     strict: bool = Field(False, description="fail when onnxsim fails, instead of going on unsimplified")
     gelu_for_fusion: bool = Field(
         True, description="reorder exact-GELU factors so that onnxruntime fuses Gelu and its bias (bit-identical)"
@@ -83,6 +89,8 @@ class Simplify(Pass):
         if self.config.lift_constants:
             modified |= LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model).modified
             modified |= RemoveUnusedNodesPass()(model).modified
+        if self.config.identities:
+            modified |= _constant_identities_removed(model.graph) > 0
         return ir.passes.PassResult(model, modified=modified)
 
     def _onnxsim(self, model: ir.Model) -> bool:
@@ -90,8 +98,13 @@ class Simplify(Pass):
 
         before = model.graph.num_nodes()
         try:
+            proto = onnxq_ir.proto_with_weights(model, "onnxsim")
+        except OnnxqError as exc:
+            self.context.notes.append(f"simplify: onnxsim skipped ({exc.problem})")
+            return False
+        try:
             simplified, _ = onnxsim.simplify(
-                onnxq_ir.to_proto(model),
+                proto,
                 check_n=0,
                 skip_fuse_bn=True,
                 skipped_optimizers=list(SKIPPED_OPTIMIZERS),
@@ -106,6 +119,22 @@ class Simplify(Pass):
         if after != before:
             self.context.notes.append(f"simplify: {before} → {after} nodes")
         return True
+
+
+def _constant_identities_removed(graph: ir.Graph) -> int:
+    """Readers of Identity(constant) read the constant itself (main graph; the Identity's own output name
+    goes with it unless it is a graph output, where the Identity stays)."""
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if source is None or not is_constant(source) or out.is_graph_output():
+            continue
+        out.replace_all_uses_with(source)
+        graph.remove(node, safe=True)
+        removed += 1
+    return removed
 
 
 def _spatial_means_to_pools(graph: ir.Graph) -> int:

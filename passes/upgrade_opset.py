@@ -71,7 +71,7 @@ class UpgradeOpset(Pass):
             onnxq_ir.fix_ir_version(model)
             self.context.notes.append(f"upgraded opset {current} → {self.config.target}")
             return ir.passes.PassResult(model, modified=True)
-        proto = onnxq_ir.to_proto(model)
+        proto = onnxq_ir.proto_with_weights(model, f"upgrading from opset {current} to {self.config.target}")
         try:
             converted = onnx.version_converter.convert_version(proto, self.config.target)
         except Exception as exc:

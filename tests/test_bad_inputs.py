@@ -106,9 +106,30 @@ def _per_channel_activations(folder: Path) -> list[str]:
     return _run(folder, "--calib", _calib(folder), "--set", "defaults.activations.granularity=channel")
 
 
+def _map_output(folder: Path) -> list[str]:
+    """scikit-learn's default export: class probabilities as a sequence of maps (ZipMap)."""
+    helper = onnx.helper
+    map_type = helper.make_map_type_proto(
+        onnx.TensorProto.INT64, helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [])
+    )
+    output = helper.make_value_info("z", helper.make_sequence_type_proto(map_type))
+    graph = helper.make_graph(
+        [helper.make_node("ZipMap", ["x"], ["z"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])],
+        "zipmap",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [output],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 3)], ir_version=7
+    )
+    onnx.save(model, folder / "zipmap.onnx")
+    return _run(folder, model=folder / "zipmap.onnx")
+
+
 CASES: dict[str, tuple[Setup, str]] = {
     "not a file": (_not_a_file, "is not a file"),
     "not ONNX": (_not_onnx, "not a readable ONNX model"),
+    "map-typed output (ZipMap)": (_map_output, "zipmap': false"),
     "truncated file": (_truncated, "not a readable ONNX model"),
     "fails onnx.checker": (_checker_fails, "no_such_tensor"),
     "calibration: missing input name": (_missing_input, "'x'"),

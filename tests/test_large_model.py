@@ -181,3 +181,51 @@ def test_weights_are_quantized_and_packed_in_slices_bit_exactly(dtype: str, symm
     packed = _pack_columns(whole.q, offset, bits, 32, chunk_values=2000)  # 10 columns a slice
     codes = (whole.q.astype(np.int16) + offset).astype(np.uint8)
     np.testing.assert_array_equal(packed, packing.pack_weight(codes, bits, 32))
+
+
+@pytest.mark.parametrize("from_its_folder", [True, False])
+def test_an_old_opset_external_data_model_quantizes_right_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_its_folder: bool
+) -> None:
+    """Two Conv weights of one shape in one data file, opset 11: the version converter and onnxsim see the
+    weights themselves (onnxsim used to merge the two by their file reference; the converted model used to
+    look for the data file in the current folder)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from builders import cnn_data
+
+    rng = np.random.default_rng(0)
+    helper = onnx.helper
+    w1, w2 = (rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2 for _ in range(2))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["a"], ["b"]),
+            helper.make_node("Conv", ["b", "w1"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["d"]),
+            helper.make_node("Conv", ["d", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        "two_alike",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [
+            onnx.numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w0"),
+            onnx.numpy_helper.from_array(w1, "w1"),
+            onnx.numpy_helper.from_array(w2, "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    x = cnn_data(16)
+    np.savez(tmp_path / "calib.npz", x=x)
+    monkeypatch.chdir(folder if from_its_folder else tmp_path)
+    result = onnxq.run(folder / "m.onnx", "int8", calib=str(tmp_path / "calib.npz"), output=tmp_path / "q.onnx")
+    (reference,) = ort.InferenceSession(str(folder / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    quantized = _logits_of(result.output, x)
+    assert sqnr_db(reference, quantized) > 25
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def _logits_of(path: Path | str, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

@@ -241,3 +241,35 @@ def test_a_matmul_on_three_dimensional_input_keeps_its_add() -> None:
     model = onnxq_ir.from_proto(proto)
     Simplify()(model)
     assert "Gemm" not in [n.op_type for n in model.graph]
+
+
+def test_weights_read_through_identity_are_quantized(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """torch's legacy exporter deduplicates equal initializers (two all-zero biases) and reads the copy
+    through an Identity; with the Identity removed both Gemms become MatMulNBits, and the output is exact."""
+    import onnxq
+
+    helper, rng = onnx.helper, np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((32, 32)).astype(np.float32) / 6 for _ in range(2))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["zeros"], ["zeros_copy"]),
+            helper.make_node("Gemm", ["x", "w1", "zeros"], ["h"], transB=1),
+            helper.make_node("Gemm", ["h", "w2", "zeros_copy"], ["y"], transB=1),
+        ],
+        "shared_bias",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32])],
+        [
+            onnx.numpy_helper.from_array(w1, "w1"),
+            onnx.numpy_helper.from_array(w2, "w2"),
+            onnx.numpy_helper.from_array(np.zeros(32, np.float32), "zeros"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = onnxq.run(tmp_path / "m.onnx", "int4-weight", calib=str(tmp_path / "calib.npz"), output=tmp_path / "q.onnx")
+    ops = [n.op_type for n in onnx.load(str(out.output)).graph.node]
+    assert ops.count("MatMulNBits") == 2 and "Identity" not in ops, ops
+    (reference,), (quantized,) = run(str(tmp_path / "m.onnx"), {"x": x}), run(str(out.output), {"x": x})
+    assert qmath.sqnr_db(reference, quantized) > 15
