@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -91,7 +93,7 @@ def load_callable(reference: str, purpose: str = "calibration data") -> Callable
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(target)
+            module = _import_module(target)
     except ImportError as exc:
         raise UsageError(
             f"cannot import '{target}' for {purpose} ({exc})",
@@ -101,6 +103,22 @@ def load_callable(reference: str, purpose: str = "calibration data") -> Callable
     if not callable(function):
         raise UsageError(f"'{target}' has no function '{attribute}'", f"name the function that provides the {purpose}")
     return function
+
+
+def _import_module(target: str) -> Any:
+    """Import as `python -m` would: a module in the current folder is found even from the console script."""
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if here in sys.path or "" in sys.path or (exc.name or "").split(".")[0] != target.split(".")[0]:
+            raise
+        sys.path.insert(0, here)
+        try:
+            return importlib.import_module(target)
+        except ImportError:
+            sys.path.remove(here)
+            raise
 
 
 class CallableReader:

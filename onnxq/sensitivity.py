@@ -362,7 +362,7 @@ def channel_weights(node: ir.Node, weight: np.ndarray, sqmean: np.ndarray) -> np
         group_of_output = np.arange(out_channels) // max(1, out_channels // groups)
         channel = group_of_output[:, None] * per_group + np.arange(per_group)[None, :]
         h = sqmean[np.clip(channel, 0, sqmean.size - 1)]  # [O, C/g]
-        return np.broadcast_to(h[:, :, None, None], weight.shape)
+        return np.broadcast_to(h.reshape(h.shape + (1,) * (weight.ndim - 2)), weight.shape)  # Conv1d/2d/3d
     rows = weight_matrix(node, weight).shape[0]
     h = sqmean[:rows] if sqmean.size >= rows else np.resize(sqmean, rows)
     matrix = np.broadcast_to(h[:, None], weight_matrix(node, weight).shape)

@@ -274,3 +274,36 @@ def test_refine_measures_switches_around_the_plan_and_drops_a_round_that_measure
     assert round_["measured_after"] > round_["measured_before"] > 0
     assert [g["choice"] for g in refined["groups"]] == [g["choice"] for g in one_shot["groups"]]
     assert refined["chosen_cost_ratio"] <= 0.28
+
+
+@pytest.mark.parametrize("spatial", [1, 3])
+def test_conv1d_and_conv3d_get_proxies_and_a_plan(tmp_path: Path, spatial: int) -> None:
+    """The Hessian proxies spread per-channel input energy over a weight of any rank (audio Conv1d, video
+    Conv3d), not only the 4-D weights of image models."""
+    rng = np.random.default_rng(0)
+    helper = onnx.helper
+    kernel, size = [3] * spatial, [6] * spatial
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1] * 2 * spatial),
+            helper.make_node("Relu", ["a"], ["b"]),
+            helper.make_node("Conv", ["b", "w1"], ["y"], pads=[1] * 2 * spatial),
+        ],
+        "conv_nd",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, *size])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, *size])],
+        [
+            onnx.numpy_helper.from_array(rng.standard_normal((8, 2, *kernel)).astype(np.float32) * 0.3, "w0"),
+            onnx.numpy_helper.from_array(rng.standard_normal((4, 8, *kernel)).astype(np.float32) * 0.2, "w1"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 2, *size)).astype(np.float32))
+    for sensitivity in ("diag_hessian", "measured"):
+        mixed = {"candidates": ["fp32", "int8"], "objective": "size", "budget": 0.6, "sensitivity": sensitivity}
+        result = onnxq.run(
+            tmp_path / "m.onnx", _recipe(mixed), calib=str(tmp_path / "calib.npz"), output=tmp_path / "q.onnx"
+        )
+        report = result.artifacts["mixed_precision"]
+        assert [g["choice"] for g in report["groups"]].count("int8") >= 1
+        assert all(g["options"]["int8"]["diag_hessian"] > 0 for g in report["groups"])
