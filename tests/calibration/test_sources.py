@@ -83,3 +83,17 @@ def test_folder_without_images_or_npz(tmp_path: Path) -> None:
         open_data(tmp_path / "empty", SPECS, preprocess=Preprocess(size=(8, 8)))
     with pytest.raises(UsageError, match=r"calibration\.preprocess"):
         open_data(tmp_path / "empty", SPECS)
+
+
+def test_a_data_module_in_the_current_folder_is_found_as_python_m_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console script's sys.path lacks the current folder; `--calib mydata:feeds` must still work."""
+    import sys
+
+    from onnxq.calibration.sources import load_callable
+
+    (tmp_path / "onnxq_test_feeds_here.py").write_text("def feeds():\n    return [{'x': 1}]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_callable("onnxq_test_feeds_here:feeds")() == [{"x": 1}]
