@@ -29,10 +29,3 @@ def int8_pairs_saturate() -> bool:
         return False  # ARM's sdot/i8mm and others accumulate in int32
     flags = x86_flags()
     return not flags or not (flags & _INT32_DOT_FLAGS)
-
-
-def int8_kernel_note() -> str:
-    """One line for reports: which weight range `reduce_range: auto` picked, and why."""
-    if int8_pairs_saturate():
-        return "reduce_range auto → 7-bit weights (this CPU's int8 kernels sum pairs in int16; no VNNI)"
-    return "reduce_range auto → full 8-bit weights (this CPU's int8 kernels accumulate in int32)"

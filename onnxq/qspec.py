@@ -87,7 +87,7 @@ class QuantSpec(_Frozen):
         False,
         description="7-bit range for 8-bit types: avoids int16 saturation in x86 kernels without VNNI; 'auto' "
         "decides by this CPU (true on x86 without VNNI)",
-        json_schema_extra=lambda schema: _bool_or_auto(schema),
+        json_schema_extra=_bool_or_auto,
     )
     dynamic: bool = Field(
         False, description="activations: quantized at run time (DynamicQuantizeLinear, uint8); no calibration"

@@ -23,7 +23,7 @@ from onnxq.calibration.readers import input_specs, open_data, rebatch
 from onnxq.errors import GateFailure, RecipeError
 from onnxq.ort_session import MissingKernel
 from onnxq.pass_base import Pass, PassContext
-from onnxq.qspec import SHARED_SCALE_OPS, NodeQuant, get_qspec
+from onnxq.qspec import COMPUTE_OPS, SHARED_SCALE_OPS, NodeQuant, get_qspec
 from onnxq.recipe import Recipe, load_recipe
 from onnxq.validate import ValidationResult, validate_models
 
@@ -188,7 +188,9 @@ def run(
         result.plan = plan_of(working)
         return result
     if _quantized_ops(working) <= quantized_before:
-        compute = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(working.graph) if n.op_type in COMPUTE)
+        compute = Counter(
+            n.op_type for n in ir.traversal.RecursiveGraphIterator(working.graph) if n.op_type in COMPUTE_OPS
+        )
         found = ", ".join(f"{op}×{k}" for op, k in sorted(compute.items())) or "no Conv/MatMul/Gemm"
         context.notes.insert(
             0,
@@ -226,9 +228,6 @@ def run(
         failure.result = result
         raise failure
     return result
-
-
-COMPUTE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 
 
 QUANTIZED_OPS = frozenset(

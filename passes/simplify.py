@@ -35,8 +35,8 @@ class SimplifyConfig(PassConfig):
     lift_constants: bool = Field(True, description="turn tensor-valued Constant nodes into initializers")
     identities: bool = Field(
         True,
-        description="remove Identity nodes: torch's legacy exporter reads weights it deduplicated through them, "
-        "which hides them from quantization",
+        description="readers of Identity(constant) read the constant: torch's legacy exporter reads weights it "
+        "deduplicated through an Identity, which hides them from quantization",
     )
     strict: bool = Field(False, description="fail when onnxsim fails, instead of going on unsimplified")
     gelu_for_fusion: bool = Field(

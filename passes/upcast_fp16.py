@@ -12,14 +12,12 @@ What is left unquantized afterwards computes in float32; onnxruntime's CPU provi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.pass_base import Pass, PassConfig
 
-from ._graph import forget_names, subgraphs, unique_name
+from ._graph import forget_names, iter_values, subgraphs, unique_name
 from ._half import remember_upcast
 
 HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
@@ -40,18 +38,16 @@ class UpcastFP16(Pass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         graphs = [graph, *subgraphs(graph)]
-        if not any(_is_half(v) for g in graphs for v in _values(g)) and not any(
-            _half_attribute(n) for g in graphs for n in g
-        ):
+        half = next((v.dtype for g in graphs for v in iter_values(g) if _is_half(v)), None)
+        if half is None and not any(_dtype_attribute(n) or _half_tensors(n) for g in graphs for n in g):
             return ir.passes.PassResult(model, modified=False)
-        half = next((v.dtype for g in graphs for v in _values(g) if _is_half(v)), ir.DataType.FLOAT16)
-        remember_upcast(model, half)  # type: ignore[arg-type]
+        remember_upcast(model, half or ir.DataType.FLOAT16)
         outputs = self._bracket_outputs(graph)
         inputs = self._bracket_inputs(graph)
         tensors = 0
         interface = set(graph.inputs)
         for g in graphs:
-            for value in _values(g):
+            for value in iter_values(g):
                 tensors += 0 if value in interface else _upcast_value(value)
             for node in g:
                 tensors += _upcast_attributes(node)
@@ -94,22 +90,21 @@ class UpcastFP16(Pass):
         return count
 
 
-def _values(graph: ir.Graph) -> Iterator[ir.Value]:
-    yield from graph.inputs
-    yield from graph.initializers.values()
-    for node in graph:
-        yield from node.outputs
-
-
 def _is_half(value: ir.Value) -> bool:
     return value.dtype in HALF
 
 
-def _half_attribute(node: ir.Node) -> bool:
+def _dtype_attribute(node: ir.Node) -> str | None:
+    """The name of the node's element-type attribute if it names a half type (Cast's `to`, …)."""
     name = _DTYPE_ATTRS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     if name and name in node.attributes and ir.DataType(node.attributes[name].value) in HALF:
-        return True
-    return any(attr.type == ir.AttributeType.TENSOR and attr.value.dtype in HALF for attr in node.attributes.values())
+        return name
+    return None
+
+
+def _half_tensors(node: ir.Node) -> list[str]:
+    """Names of the node's tensor attributes that hold half-precision data (Constant's `value`, …)."""
+    return [k for k, a in node.attributes.items() if a.type == ir.AttributeType.TENSOR and a.value.dtype in HALF]
 
 
 def _upcast_value(value: ir.Value) -> int:
@@ -129,15 +124,13 @@ def _upcast_value(value: ir.Value) -> int:
 def _upcast_attributes(node: ir.Node) -> int:
     if node.meta.get("onnxq.keep_dtype"):
         return 0
-    count = 0
-    name = _DTYPE_ATTRS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-    if name and name in node.attributes and ir.DataType(node.attributes[name].value) in HALF:
+    if name := _dtype_attribute(node):
         node.attributes[name] = ir.AttrInt64(name, FLOAT)
-    for key, attr in list(node.attributes.items()):
-        if attr.type == ir.AttributeType.TENSOR and attr.value.dtype in HALF:
-            node.attributes[key] = ir.AttrTensor(key, _wide(attr.value, attr.value.name))
-            count += 1
-    return count
+    keys = _half_tensors(node)
+    for key in keys:
+        tensor = node.attributes[key].value
+        node.attributes[key] = ir.AttrTensor(key, _wide(tensor, tensor.name))
+    return len(keys)
 
 
 def _wide(tensor: ir.TensorProtocol, name: str | None) -> ir.Tensor:
