@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from onnxq import ir as onnxq_ir
 from onnxq.calibration.collectors import COLLECTORS
-from onnxq.calibration.readers import Feeds, InputSpec, input_specs, rebatch
+from onnxq.calibration.readers import Feeds, InputSpec, input_specs, rebatch, sample_count
 from onnxq.errors import UsageError
 from onnxq.pass_base import TensorRange
 
@@ -435,7 +435,7 @@ class _ShardJob:
                 if not _computed(reduced):
                     continue  # a branch not taken, a loop that ran zero times: nothing to learn
                 collector.update(name, reduced)
-            count = next(iter(feeds.values())).shape[0] if feeds else 1
+            count = sample_count(feeds, self.specs)
             if samples < 4:
                 for value in feeds.values():
                     digest.update(np.ascontiguousarray(value).tobytes()[:4096])

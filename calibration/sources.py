@@ -11,14 +11,14 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from onnxq.calibration.readers import Feeds, InputSpec, conform
+from onnxq.calibration.readers import Feeds, InputSpec, arrange, conform, limit
 from onnxq.errors import UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -135,10 +135,12 @@ class CallableReader:
             if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         takes_specs = len(required) >= 1  # a function with only defaulted parameters is called bare
-        produced = 0
-        for feeds in self.function(self.specs) if takes_specs else self.function():
-            if self.num_samples is not None and produced >= self.num_samples:
-                break
+        batches = self.function(self.specs) if takes_specs else self.function()
+        yield from limit(self._checked(batches), self.specs, self.num_samples, f"{self.reference} yielded no samples")
+
+    def _checked(self, batches: Iterable[Any]) -> Iterator[Feeds]:
+        where = Path(self.reference)
+        for feeds in batches:
             if not isinstance(feeds, dict):
                 raise UsageError(
                     f"{self.reference} yielded a {type(feeds).__name__}", "yield dicts {input_name: array}"
@@ -149,9 +151,6 @@ class CallableReader:
                     f"{self.reference} yielded no array for model input '{missing[0]}'",
                     "key each array by the model's input name",
                 )
-            where = Path(self.reference)
-            batch = {s.name: conform(np.asarray(feeds[s.name]), s, where) for s in self.specs}
-            produced += next(iter(batch.values())).shape[0]
-            yield batch
-        if produced == 0:
-            raise UsageError(f"{self.reference} yielded no samples", "yield at least one feed dict")
+            arrays = {s.name: np.asarray(feeds[s.name]) for s in self.specs}
+            extras = {k: np.asarray(v) for k, v in feeds.items() if k not in arrays}
+            yield from arrange(arrays, self.specs, where, extras)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.calibration.readers import Feeds, InputSpec, rebatch
+from onnxq.calibration.readers import Feeds, InputSpec, rebatch, sample_count
 from onnxq.validate import PROVIDERS, OutputMetrics, _Accumulator
 
 # Kernels that compute on integers (what the realization check counts as "really quantized").
@@ -148,7 +148,7 @@ def localize(
         for name, ref, test in zip(names, ref_session.run(names, feeds), test_session.run(names, feeds), strict=True):
             if ref.shape == test.shape:
                 accs[name].update(np.asarray(ref), np.asarray(test))
-        samples += next(iter(feeds.values())).shape[0]
+        samples += sample_count(feeds, specs)
     tensors = {n: OutputMetrics.from_acc(n, acc) for n, acc in accs.items() if acc.count}
     # A namesake that is a different quantity (a pass folded a Mul into the Conv that produced it) shows
     # as a hugely negative SQNR: such a pair is not a match, not an error. Exact values count as 60 dB.

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxq.calibration.readers import Feeds, InputSpec, rebatch
+from onnxq.calibration.readers import Feeds, InputSpec, rebatch, sample_count
 from onnxq.errors import UsageError
 
 SLICE_ENERGY_FLOOR = 1e-9  # slices below this share of the mean slice energy are not judged
@@ -225,7 +225,7 @@ def _validate_one(  # type: ignore[no-untyped-def]
         test = test_session.run(output_names, feeds)
         for name, r, t in zip(output_names, ref, test, strict=True):
             accs[name].update(np.asarray(r), np.asarray(t))
-        count = next(iter(feeds.values())).shape[0]
+        count = sample_count(feeds, specs)
         samples += count
         if metric is not None:
             score = metric(dict(zip(output_names, ref, strict=True)), dict(zip(output_names, test, strict=True)), batch)

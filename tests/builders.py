@@ -523,3 +523,101 @@ def custom_op_model(domain: str = "com.example", op_type: str = "MyOp") -> onnx.
         ],
     )
     return _checked(graph, 13, (domain,))
+
+
+def stacked_lstm(
+    layers: int = 2, features: int = 8, hidden: int = 16, classes: int = 5, seed: int = 0, named: bool = True
+) -> onnx.ModelProto:
+    """A torch-style multi-layer LSTM: x [batch, time, features] with states h0/c0 [layers, batch, hidden]
+    sliced per layer, time-major LSTM ops, a MatMul head on the last layer, and the final states as outputs.
+    `named=False` leaves the symbolic dims unnamed (old exporters)."""
+    rng = np.random.default_rng(seed)
+    vi = helper.make_tensor_value_info
+    batch, time = ("batch", "time") if named else (None, None)
+    nodes = [helper.make_node("Transpose", ["x"], ["seq0"], perm=[1, 0, 2], name="to_time_major")]
+    inits = [_init("head", _matrix(rng, hidden, classes))]
+    h_out, c_out = [], []
+    for layer in range(layers):
+        width = features if layer == 0 else hidden
+        for state in ("h", "c"):
+            inits += [_init(f"{state}{layer}_start", np.array([layer], np.int64))]
+            inits += [_init(f"{state}{layer}_end", np.array([layer + 1], np.int64))]
+            nodes.append(
+                helper.make_node(
+                    "Slice",
+                    [f"{state}0", f"{state}{layer}_start", f"{state}{layer}_end"],
+                    [f"{state}_init{layer}"],
+                    name=f"slice_{state}{layer}",
+                )
+            )
+        inits += [
+            _init(f"W{layer}", (rng.standard_normal((1, 4 * hidden, width)) / np.sqrt(width)).astype(np.float32)),
+            _init(f"R{layer}", (rng.standard_normal((1, 4 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)),
+            _init(f"B{layer}", (0.1 * rng.standard_normal((1, 8 * hidden))).astype(np.float32)),
+        ]
+        nodes.append(
+            helper.make_node(
+                "LSTM",
+                [f"seq{layer}", f"W{layer}", f"R{layer}", f"B{layer}", "", f"h_init{layer}", f"c_init{layer}"],
+                [f"Y{layer}", f"Yh{layer}", f"Yc{layer}"],
+                hidden_size=hidden,
+                name=f"lstm{layer}",
+            )
+        )
+        nodes.append(helper.make_node("Squeeze", [f"Y{layer}", "axis1"], [f"seq{layer + 1}"], name=f"squeeze{layer}"))
+        h_out.append(f"Yh{layer}")
+        c_out.append(f"Yc{layer}")
+    inits.append(_init("axis1", np.array([1], np.int64)))
+    nodes += [
+        helper.make_node("Transpose", [f"seq{layers}"], ["batch_major"], perm=[1, 0, 2], name="to_batch_major"),
+        helper.make_node("MatMul", ["batch_major", "head"], ["y"], name="head_matmul"),
+        helper.make_node("Concat", h_out, ["hn"], axis=0, name="hn"),
+        helper.make_node("Concat", c_out, ["cn"], axis=0, name="cn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stacked_lstm",
+        [
+            vi("x", TensorProto.FLOAT, [batch, time, features]),
+            vi("h0", TensorProto.FLOAT, [layers, batch, hidden]),
+            vi("c0", TensorProto.FLOAT, [layers, batch, hidden]),
+        ],
+        [
+            vi("y", TensorProto.FLOAT, [batch, time, classes]),
+            vi("hn", TensorProto.FLOAT, [layers, batch, hidden]),
+            vi("cn", TensorProto.FLOAT, [layers, batch, hidden]),
+        ],
+        initializer=inits,
+    )
+    return _checked(graph, 13)
+
+
+def fixed_batch_if(seed: int = 0) -> onnx.ModelProto:
+    """An If model with inputs of different fixed batch sizes: `cond [1]` (bool) and `input_0 [4,3,32,32]`;
+    a Conv in the main graph, then either branch's Conv."""
+    rng = np.random.default_rng(seed)
+    vi = helper.make_tensor_value_info
+
+    def branch(tag: str) -> onnx.GraphProto:
+        weight = (rng.standard_normal((4, 8, 3, 3)) / np.sqrt(72)).astype(np.float32)
+        return helper.make_graph(
+            [helper.make_node("Conv", ["hidden", f"w_{tag}"], [f"{tag}_out"], pads=[1, 1, 1, 1], name=f"{tag}_conv")],
+            tag,
+            [],
+            [vi(f"{tag}_out", TensorProto.FLOAT, [4, 4, 32, 32])],
+            initializer=[_init(f"w_{tag}", weight)],
+        )
+
+    nodes = [
+        helper.make_node("Conv", ["input_0", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["conv"], ["hidden"], name="relu"),
+        helper.make_node("If", ["cond"], ["out"], then_branch=branch("then"), else_branch=branch("else"), name="if"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fixed_batch_if",
+        [vi("cond", TensorProto.BOOL, [1]), vi("input_0", TensorProto.FLOAT, [4, 3, 32, 32])],
+        [vi("out", TensorProto.FLOAT, [4, 4, 32, 32])],
+        initializer=[_init("w", (rng.standard_normal((8, 3, 3, 3)) / np.sqrt(27)).astype(np.float32))],
+    )
+    return _checked(graph, 13)

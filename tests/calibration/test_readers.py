@@ -25,7 +25,7 @@ def _npz(tmp_path: Path, **arrays: np.ndarray) -> Path:
     ("arrays", "message"),
     [
         ({"X": np.zeros((2, 1, 8, 8), np.float32)}, "no array for model input 'x'"),
-        ({"x": np.zeros((2, 8, 8), np.float32)[None, None]}, "rank 5, the model expects 4"),
+        ({"x": np.zeros((2, 8, 8), np.float32)[None, None]}, "rank 5 .*the model expects rank 4"),
         ({"x": np.zeros((2, 3, 8, 8), np.float32)}, "size 3 on axis 1, the model expects 1"),
         ({"x": np.full((2, 1, 8, 8), np.nan, np.float32)}, "128 NaN/Inf values"),
         ({"x": np.array([["a"] * 8] * 8)[None, None]}, "the model expects float32"),
