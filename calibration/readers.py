@@ -100,9 +100,15 @@ class NpzReader:
     """
 
     def __init__(
-        self, source: str | Path, specs: list[InputSpec], num_samples: int | None = None, extras: tuple[str, ...] = ()
+        self,
+        source: str | Path,
+        specs: list[InputSpec],
+        num_samples: int | None = None,
+        extras: tuple[str, ...] = (),
+        purpose: str = "calibration data",
     ) -> None:
         self.source = Path(source)
+        self.purpose = purpose
         self.specs = specs
         self.num_samples = num_samples
         self.extras = extras
@@ -111,7 +117,7 @@ class NpzReader:
     def _files(self) -> list[Path]:
         if not self.source.exists():
             raise UsageError(
-                f"calibration data '{self.source}' does not exist", "pass an .npz file or a folder of .npz files"
+                f"{self.purpose} '{self.source}' does not exist", "pass an .npz file or a folder of .npz files"
             )
         if self.source.is_dir():
             files = sorted(self.source.glob("*.npz"))
@@ -123,7 +129,7 @@ class NpzReader:
             return files
         if self.source.suffix != ".npz":
             raise UsageError(
-                f"calibration data '{self.source}' is not an .npz file",
+                f"{self.purpose} '{self.source}' is not an .npz file",
                 "save arrays keyed by input name with numpy.savez(path, **{name: array})",
             )
         return [self.source]
@@ -133,7 +139,7 @@ class NpzReader:
             (feeds for path in self.files for feeds in self._read(path)),
             self.specs,
             self.num_samples,
-            f"data '{self.source}' holds zero samples",
+            f"{self.purpose} '{self.source}' holds zero samples",
         )
 
     def _read(self, path: Path) -> Iterator[Feeds]:
@@ -333,6 +339,7 @@ class DataSource:
     seed: int = 0
     extras: tuple[str, ...] = ()
     preprocess: object | None = None
+    purpose: str = "calibration data"  # or "evaluation data": what the messages call it
 
     def reader(self) -> Iterable[Feeds]:
         specs = list(self.specs)
@@ -342,12 +349,12 @@ class DataSource:
         if ":" in self.source and not path.exists():
             from onnxq.calibration.sources import CallableReader
 
-            return CallableReader(self.source, specs, self.num_samples)
+            return CallableReader(self.source, specs, self.num_samples, self.purpose)
         if path.is_dir() and self.preprocess is not None:
             from onnxq.calibration.sources import ImageFolderReader
 
             return ImageFolderReader(path, specs, self.preprocess, self.num_samples)  # type: ignore[arg-type]
-        return NpzReader(path, specs, self.num_samples, self.extras)
+        return NpzReader(path, specs, self.num_samples, self.extras, self.purpose)
 
     def __call__(self) -> Iterator[Feeds]:
         return iter(self.reader())
@@ -360,11 +367,12 @@ def open_data(
     seed: int = 0,
     extras: tuple[str, ...] = (),
     preprocess: object | None = None,
+    purpose: str = "calibration data",
 ) -> DataSource:
     """The data source for `source`, validated now (path, files, callable); data is read lazily."""
     if source is None:
-        raise UsageError("no data given", "pass --calib DATA.npz, or set calibration.data: synthetic")
-    data = DataSource(str(source), tuple(specs), num_samples, seed, extras, preprocess)
+        raise UsageError(f"no {purpose} given", "pass --calib DATA.npz (or --calib synthetic for a smoke run)")
+    data = DataSource(str(source), tuple(specs), num_samples, seed, extras, preprocess, purpose)
     data.reader()  # raises the one-line error for a bad path, an empty folder or a missing callable
     return data
 

@@ -34,6 +34,7 @@ from onnxq.calibration.collectors import COLLECTORS
 from onnxq.calibration.readers import Feeds, InputSpec, input_specs, rebatch, sample_count
 from onnxq.errors import UsageError
 from onnxq.pass_base import TensorRange
+from onnxq.progress import progress
 
 SUFFIX = "__onnxq_"
 
@@ -389,7 +390,7 @@ def collect_ranges(
         samples = sum(count for _, count, _ in parts)
         digest_text = "".join(text for _, _, text in sorted(parts, key=lambda p: p[2]))
     else:
-        with _progress(show_progress, f"calibrating ({method})", num_samples) as advance:
+        with progress(show_progress, f"calibrating ({method})", num_samples) as advance:
             collector, samples, digest_text = job.run(data, 0, 1, collector, advance)
     if samples == 0:
         raise UsageError("the calibration data produced no batch", "check the data and the model's batch size")
@@ -462,26 +463,3 @@ def make_collector(method: str, settings: dict[str, object]):  # type: ignore[no
     cls = COLLECTORS[method]
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     return cls(**{k: v for k, v in settings.items() if k in fields and v is not None})
-
-
-class _progress:
-    """A rich progress bar when asked for, a no-op otherwise (tests, library use)."""
-
-    def __init__(self, enabled: bool, label: str, total: int | None) -> None:
-        self.enabled, self.label, self.total = enabled, label, total
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda _n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-        )
-        self._bar.start()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda n: self._bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._bar.stop()

@@ -124,8 +124,10 @@ def _import_module(target: str) -> Any:
 class CallableReader:
     """Feeds yielded by a user function; one that requires an argument gets the model's input specs."""
 
-    def __init__(self, reference: str, specs: list[InputSpec], num_samples: int | None) -> None:
-        self.function = load_callable(reference)
+    def __init__(
+        self, reference: str, specs: list[InputSpec], num_samples: int | None, purpose: str = "calibration data"
+    ) -> None:
+        self.function = load_callable(reference, purpose)
         self.reference, self.specs, self.num_samples = reference, specs, num_samples
 
     def __iter__(self) -> Iterator[Feeds]:

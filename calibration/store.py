@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,12 @@ def data_fingerprint(source: str | os.PathLike, num_samples: int | None, seed: i
 class StatsStore:
     path: Path
     explicit: bool = False  # given with --stats: entries are used even if the model or data changed
+    deferred: bool = False  # keep new entries in memory until `commit` (a run writes all its files together)
+    _pending: dict[str, Any] | None = field(default=None, repr=False)
 
     def _read(self) -> dict[str, Any]:
+        if self._pending is not None:
+            return self._pending
         if not self.path.exists():
             if self.explicit:
                 raise UsageError(
@@ -82,29 +85,34 @@ class StatsStore:
         return None
 
     def save(self, key: str, method: str, ranges: dict[str, TensorRange]) -> None:
-        data = self._read() if self.path.exists() else {"version": VERSION, "entries": {}}
+        data = self._read() if self._pending is not None or self.path.exists() else {"version": VERSION, "entries": {}}
         entry = data["entries"].setdefault(key, {"method": method, "ranges": {}})
         entry["ranges"].update({n: [r.min, r.max] for n, r in ranges.items()})
         self._write(data)
 
     def measurement(self, key: str) -> dict[str, float] | None:
         """A measurement saved under `key` (exact match only: a latency from another machine is no use)."""
-        if not self.path.exists():
+        if self._pending is None and not self.path.exists():
             return None
         return self._read().get("measurements", {}).get(key)
 
     def save_measurement(self, key: str, value: dict[str, float]) -> None:
-        data = self._read() if self.path.exists() else {"version": VERSION, "entries": {}}
+        data = self._read() if self._pending is not None or self.path.exists() else {"version": VERSION, "entries": {}}
         data.setdefault("measurements", {})[key] = value
         self._write(data)
 
     def _write(self, data: dict[str, Any]) -> None:
+        if self.deferred:
+            self._pending = data
+            return
+        self.commit(data)
+
+    def commit(self, data: dict[str, Any] | None = None) -> Path | None:
+        """Write the statistics (the pending ones of a deferred store); None when there is nothing to write."""
+        from onnxq.outputs import write_text
+
+        data = data if data is not None else self._pending
+        if data is None:
+            return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return write_text(self.path, json.dumps(data))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -559,7 +557,7 @@ def _localization(report: dict[str, Any]) -> str:
         out.append(_table(["node", "op_type", "SQNR", "input SQNR", "drop (dB)"], rows, {2, 3, 4}))
         if len(ranked) > MAX_TABLE_ROWS:
             out.append(f"<p class='muted'>{len(ranked) - MAX_TABLE_ROWS} more nodes not listed.</p>")
-    if whatif:
+    if whatif and _list(whatif.get("kept_float")):
         kept = [str(k) for k in _list(whatif.get("kept_float"))]
         names = ", ".join(f"<code>{_e(k)}</code>" for k in kept[:10]) + (
             f" and {len(kept) - 10} more" if len(kept) > 10 else ""
@@ -567,6 +565,8 @@ def _localization(report: dict[str, Any]) -> str:
         wmetric = whatif.get("metric", metric)
         passes_after = whatif.get("gates_pass_after")
         verdict = "" if passes_after is None else (", and the gates pass" if passes_after else "; the gates still fail")
+        if whatif.get("helped") is False:
+            verdict += f". That does not help: {_e(str(whatif.get('advice') or ''))}"
         out.append(
             f"<p><strong>What if:</strong> keeping {len(kept)} node{'s' if len(kept) != 1 else ''} in float "
             f"({names or 'none'}) moves {_e(wmetric)} from <strong>{_fmt(whatif.get('before'), '.2f')}</strong> to "
@@ -687,13 +687,6 @@ def render(report: dict[str, Any]) -> str:
 
 def write_html(report: dict[str, Any], path: str | Path) -> Path:
     """Atomic write, like write_json: a reader never sees half a page."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(render(report))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from onnxq.outputs import write_text
+
+    return write_text(Path(path), render(report))

@@ -175,17 +175,21 @@ def save(
         else:
             ir.save(model, staging / path.name)
         written = sorted(p.name for p in staging.iterdir() if p.name != path.name)
-        replaced = {(folder / name).resolve() for name in written}
-        for tensor in _external_tensors(model):
-            if Path(tensor.path).resolve() in replaced:  # its file is about to change under it: fail, never misread
-                tensor.release()
-                tensor.invalidate()
+        release_replaced(model, {(folder / name).resolve() for name in written})
         for name in written:
             os.replace(staging / name, folder / name)
         os.replace(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def release_replaced(model: ir.Model, replaced: set[Path]) -> None:
+    """Tensors mapped from a file that is about to change under them fail from now on, never misread."""
+    for tensor in _external_tensors(model):
+        if Path(tensor.path).resolve() in replaced:
+            tensor.release()
+            tensor.invalidate()
 
 
 def total_weight_bytes(model: ir.Model) -> int:

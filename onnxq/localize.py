@@ -131,6 +131,7 @@ def localize(
     slice_axis: int | None = 1,
     batch_size: int = 1,
     reference_dir: Path | None = None,
+    show_progress: bool = False,
 ) -> Localization:
     """Rank the float graph's nodes by how much quality their output loses in the quantized model.
     `reference_dir`: where the float model's external data files are, when it is given as a proto."""
@@ -143,12 +144,18 @@ def localize(
     feed_names = {s.name for s in specs}
     accs = {n: _Accumulator(slice_axis=slice_axis) for n in names}
     samples = 0
-    for batch in rebatch(data(), specs, batch_size):
-        feeds = {k: v for k, v in batch.items() if k in feed_names}
-        for name, ref, test in zip(names, ref_session.run(names, feeds), test_session.run(names, feeds), strict=True):
-            if ref.shape == test.shape:
-                accs[name].update(np.asarray(ref), np.asarray(test))
-        samples += sample_count(feeds, specs)
+    from onnxq.progress import progress
+
+    with progress(show_progress, "localizing the error", getattr(data, "num_samples", None)) as advance:
+        for batch in rebatch(data(), specs, batch_size):
+            feeds = {k: v for k, v in batch.items() if k in feed_names}
+            outputs = zip(names, ref_session.run(names, feeds), test_session.run(names, feeds), strict=True)
+            for name, ref, test in outputs:
+                if ref.shape == test.shape:
+                    accs[name].update(np.asarray(ref), np.asarray(test))
+            count = sample_count(feeds, specs)
+            samples += count
+            advance(count)
     tensors = {n: OutputMetrics.from_acc(n, acc) for n, acc in accs.items() if acc.count}
     # A namesake that is a different quantity (a pass folded a Mul into the Conv that produced it) shows
     # as a hugely negative SQNR: such a pair is not a match, not an error. Exact values count as 60 dB.

@@ -30,6 +30,12 @@ class PassConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+CALIB_FIX = (
+    "pass --calib DATA.npz (arrays keyed by input name), or --calib synthetic for a smoke run; in Python, "
+    "PassContext(calibration_data=onnxq.calibration.open_data('calib.npz', onnxq.calibration.input_specs(model)))"
+)
+
+
 @dataclass
 class TensorRange:
     """Calibrated range of one activation tensor."""
@@ -94,8 +100,7 @@ class PassContext:
         if self.calibration_data is None:
             raise UsageError(
                 f"{len(names)} activation tensors need calibration statistics and no data was given",
-                "pass --calib DATA.npz (arrays keyed by input name), or set calibration.data: synthetic "
-                "for a smoke run",
+                CALIB_FIX,
             )
         from onnxq.calibration.session import collect_ranges
 
@@ -136,7 +141,7 @@ class PassContext:
 
     def _tensor_statistic(self, model: ir.Model, names: list[str], method: str, what: str) -> dict[str, Any]:
         if self.calibration_data is None:
-            raise UsageError(f"{what} need calibration data", "pass --calib DATA.npz (arrays keyed by input name)")
+            raise UsageError(f"{what} need calibration data", CALIB_FIX)
         from onnxq.calibration.session import collect_ranges
 
         settings = {k: v for k, v in self.calibration_settings.items() if k in ("batch_size", "workers", "num_samples")}

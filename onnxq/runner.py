@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,12 +20,15 @@ import onnx_ir as ir
 
 from onnxq import ir as onnxq_ir
 from onnxq import registry
-from onnxq.calibration.readers import input_specs, open_data, rebatch
-from onnxq.errors import GateFailure, RecipeError
+from onnxq.calibration.readers import DataSource, input_specs, open_data, rebatch
+from onnxq.errors import GateFailure, RecipeError, UsageError
+from onnxq.html_report import write_html
 from onnxq.ort_session import MissingKernel
+from onnxq.outputs import check_output_path, staged
 from onnxq.pass_base import Pass, PassContext
 from onnxq.qspec import COMPUTE_OPS, SHARED_SCALE_OPS, NodeQuant, get_qspec
 from onnxq.recipe import Recipe, load_recipe
+from onnxq.report import write_json
 from onnxq.validate import ValidationResult, validate_models
 
 
@@ -137,7 +141,7 @@ def make_context(
             "dtype": recipe.defaults.activations.dtype,
             "symmetric": recipe.defaults.activations.symmetric,
         },
-        stats_store=StatsStore(stats_path, explicit=explicit_stats) if stats_path else None,
+        stats_store=StatsStore(stats_path, explicit=explicit_stats, deferred=True) if stats_path else None,
         data_fingerprint=fingerprint,
         show_progress=show_progress,
     )
@@ -157,18 +161,26 @@ def run(
     show_progress: bool = False,
 ) -> Result:
     """Quantize `model` with `recipe`. A path input is never written; the output defaults to
-    `<input>.q.onnx` beside it, with its calibration statistics in `<output>.calib.json` (reused by the
-    next run on the same model, settings and data); `stats` names that file explicitly. Raises GateFailure
-    (after writing) when validation gates fail."""
+    `<input>.q.onnx` beside it (an in-memory model needs `output`), with its calibration statistics in
+    `<output>.calib.json` (reused by the next run on the same model, settings and data); `stats` names that
+    file explicitly. Every input is checked before any work; the model, its report and its statistics are
+    written together at the end, or not at all. Raises GateFailure (after writing) when validation gates
+    fail."""
     resolved = load_recipe(recipe, overrides)
     source_path = None if isinstance(model, ir.Model) else Path(model)
     working = model if isinstance(model, ir.Model) else onnxq_ir.load(model)
     float_reference: bytes | Path = source_path if source_path else onnxq_ir.model_bytes(working)
     out_path = _output_path(source_path, output or resolved.output.path, dry_run)
-    if out_path is not None and source_path is not None and out_path.resolve() == source_path.resolve():
-        onnxq_ir.save(working, out_path, source=source_path)  # raises the clear error
+    if out_path is not None:
+        check_output_path(out_path, source_path)
     stats_path = Path(stats) if stats else (out_path.with_name(out_path.name + ".calib.json") if out_path else None)
     context = make_context(working, resolved, calib, show_progress, stats_path, explicit_stats=stats is not None)
+    do_validate = not dry_run and (resolved.validate_.enabled if validate is None else validate)
+    evaluation = _evaluation_data(resolved, working, data or calib) if do_validate else None
+    _check_first_batch(context.calibration_data)
+    _check_first_batch(evaluation)
+    if context.calibration_data is not None or evaluation is not None:
+        check_loads(float_reference, working)
     result = Result(working, None, resolved, notes=context.notes, artifacts=context.artifacts)
     quantized_before = _quantized_ops(working)
     pre_lowering: bytes | None = None  # the float graph the quantized one was lowered from (localization)
@@ -188,36 +200,31 @@ def run(
         result.plan = plan_of(working)
         return result
     if _quantized_ops(working) <= quantized_before:
-        compute = Counter(
-            n.op_type for n in ir.traversal.RecursiveGraphIterator(working.graph) if n.op_type in COMPUTE_OPS
-        )
-        found = ", ".join(f"{op}×{k}" for op, k in sorted(compute.items())) or "no Conv/MatMul/Gemm"
-        context.notes.insert(
-            0,
-            f"nothing was quantized by recipe '{resolved.name}' (this model has {found}); "
-            + (
-                "MatMul/Gemm-only recipes leave Convs alone: try --recipe int8; "
-                if compute and not compute.keys() & {"MatMul", "Gemm"}
-                else ""
-            )
-            + "`onnxq run MODEL --dry-run` shows what each node was given",
-        )
+        context.notes.insert(0, _nothing_quantized(working, resolved.name))
     working.metadata_props["onnxq.recipe"] = json.dumps(resolved.dump(), sort_keys=True)
     if context.stats_fingerprint:
         working.metadata_props["onnxq.stats_fingerprint"] = context.stats_fingerprint
     assert out_path is not None
-    result.output = onnxq_ir.save(
-        working, out_path, source=source_path, max_shard_bytes=resolved.output.max_shard_bytes
-    )
-    result.sizes = {"output_bytes": onnxq_ir.file_bytes(out_path)}  # with their .data files
-    if source_path is not None:
-        result.sizes["input_bytes"] = onnxq_ir.file_bytes(source_path)
-    do_validate = resolved.validate_.enabled if validate is None else validate
-    if do_validate:
-        result.validation = _validate(resolved, float_reference, out_path, working, data or calib)
-        _diagnose(result, resolved, float_reference, pre_lowering, out_path, working, data or calib)
-    if resolved.output.report:
-        result.report_path = _write_report(result, out_path)
+    folder = out_path.parent if str(out_path.parent) else Path(".")
+    with staged(folder) as stage:
+        quant_path = onnxq_ir.save(working, stage.path(out_path), max_shard_bytes=resolved.output.max_shard_bytes)
+        result.output = out_path
+        result.sizes = {"output_bytes": onnxq_ir.file_bytes(quant_path)}  # with their .data files
+        if source_path is not None:
+            result.sizes["input_bytes"] = onnxq_ir.file_bytes(source_path)
+        if evaluation is not None:
+            result.validation = _validate(resolved, float_reference, quant_path, evaluation, show_progress)
+            _diagnose(result, resolved, float_reference, pre_lowering, quant_path, evaluation, show_progress)
+        reports = [out_path.with_name(out_path.name + suffix) for suffix in (".report.html", ".report.json")]
+        stage.stale = reports
+        if resolved.output.report:
+            report = result.report()
+            write_html(report, stage.path(reports[0]))
+            write_json(report, stage.path(reports[1]))
+            result.report_path = reports[1]
+        if context.stats_store is not None:
+            stage.late_writes.append(context.stats_store.commit)
+        stage.commit(out_path, before_replace=lambda paths: onnxq_ir.release_replaced(working, paths))
     if not result.passed:
         failed = [g for v in result.validation for g in v.gates if not g.passed]
         failure = GateFailure(
@@ -228,6 +235,72 @@ def run(
         failure.result = result
         raise failure
     return result
+
+
+def _nothing_quantized(model: ir.Model, recipe: str) -> str:
+    compute = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type in COMPUTE_OPS)
+    found = ", ".join(f"{op}×{k}" for op, k in sorted(compute.items())) or "no Conv/MatMul/Gemm"
+    return (
+        f"nothing was quantized by recipe '{recipe}' (this model has {found}); "
+        + (
+            "MatMul/Gemm-only recipes leave Convs alone: try --recipe int8; "
+            if compute and not compute.keys() & {"MatMul", "Gemm"}
+            else ""
+        )
+        + "`onnxq run MODEL --dry-run` shows what each node was given"
+    )
+
+
+def _evaluation_data(recipe: Recipe, model: ir.Model, data: str | None) -> DataSource | None:
+    """The validation data, opened (and so checked) before any work; None when there is none."""
+    cfg = recipe.validate_
+    source = cfg.data or data or recipe.calibration.data
+    if source is None:
+        return None
+    return open_data(
+        source,
+        input_specs(model),
+        cfg.num_samples,
+        recipe.calibration.seed,
+        extras=(cfg.labels,),
+        purpose="evaluation data",
+    )
+
+
+def _check_first_batch(data: DataSource | None) -> None:
+    """Read the first batch now: names, ranks, shapes, dtypes and NaNs are checked before any work."""
+    if data is not None:
+        next(iter(data()), None)
+
+
+PREFLIGHT_MAX_BYTES = 2**30  # a bigger model is not loaded twice; its load errors come from calibration
+
+
+def check_loads(model: bytes | Path, loaded: ir.Model) -> None:
+    """onnxruntime can load the float model: a model it refuses is the user's input (exit 2, naming the node
+    and onnxruntime's reason), not an error inside calibration. A missing custom kernel is let through: run
+    calibrates around such ops and skips validation."""
+    if onnxq_ir.total_weight_bytes(loaded) > PREFLIGHT_MAX_BYTES:
+        return
+    import onnxruntime as ort
+
+    from onnxq.ort_session import session
+
+    try:
+        session(model, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, external_data_dir=_data_dir(loaded))
+    except MissingKernel:
+        return
+    except Exception as exc:
+        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).splitlines()[0] if str(exc) else "")
+        reason = re.sub(r"^Load model from .*? failed:", "", reason).strip()
+        raise UsageError(
+            f"onnxruntime cannot load the float model: {reason[:300]}",
+            "fix the model (re-export it, or check it with onnx.checker) before quantizing",
+        ) from None
+
+
+def _data_dir(model: ir.Model) -> str | None:
+    return onnxq_ir.external_data_dir(model)
 
 
 QUANTIZED_OPS = frozenset(
@@ -260,32 +333,30 @@ def _status(enabled: bool, text: str) -> contextlib.AbstractContextManager[objec
 def _output_path(source: Path | None, output: str | Path | None, dry_run: bool) -> Path | None:
     if output is not None:
         return Path(output)
-    if source is None or dry_run:
-        return None if dry_run else Path("model.q.onnx")
+    if dry_run:
+        return None
+    if source is None:
+        raise UsageError("an in-memory model has no default output path", "pass output='model.q.onnx'")
     return source.with_name(source.name.removesuffix(".onnx") + ".q.onnx")
 
 
 def _validate(
-    recipe: Recipe, float_model: bytes | Path, quant_path: Path, model: ir.Model, data: str | None
+    recipe: Recipe, float_model: bytes | Path, quant_path: Path, data: DataSource, show_progress: bool = False
 ) -> list[ValidationResult]:
     cfg = recipe.validate_
-    source = cfg.data or data or recipe.calibration.data
-    if source is None:
-        return [ValidationResult("cpu", 0, [], skipped="skipped: no validation data (pass --data or --calib)")]
-    specs = input_specs(model)
-    reader = open_data(source, specs, cfg.num_samples, recipe.calibration.seed, extras=(cfg.labels,))
     try:
         return validate_models(
             float_model,
             quant_path,
-            reader,
-            specs,
+            data,
+            list(data.specs),
             providers=list(cfg.providers),
             labels=cfg.labels,
             batch_size=cfg.batch_size,
             gates=cfg.gates,
             slice_axis=cfg.slice_axis,
             metric=cfg.metric,
+            show_progress=show_progress,
         )
     except MissingKernel as missing:  # the model is written and may run where that kernel exists
         why = f"skipped: onnxruntime has no kernel for {missing.op} (pass --custom-ops LIB to validate)"
@@ -293,15 +364,24 @@ def _validate(
 
 
 def _diagnose(  # type: ignore[no-untyped-def]
-    result: Result, recipe: Recipe, float_model, pre_lowering: bytes | None, quant_path: Path, model, data
+    result: Result,
+    recipe: Recipe,
+    float_model,
+    pre_lowering: bytes | None,
+    quant_path: Path,
+    data: DataSource,
+    show_progress: bool = False,
 ) -> None:
-    source = recipe.validate_.data or data or recipe.calibration.data
-    if source is None:
-        return
-    specs = input_specs(model)
-    cfg = recipe.validate_
-    reader = open_data(source, specs, cfg.num_samples, recipe.calibration.seed, extras=(cfg.labels,))
-    found = diagnose(result.validation, cfg, float_model, pre_lowering, quant_path, reader, specs)
+    found = diagnose(
+        result.validation,
+        recipe.validate_,
+        float_model,
+        pre_lowering,
+        quant_path,
+        data,
+        list(data.specs),
+        show_progress,
+    )
     result.latency, result.realization, result.localization = (
         found["latency"],
         found["realization"],
@@ -310,7 +390,14 @@ def _diagnose(  # type: ignore[no-untyped-def]
 
 
 def diagnose(  # type: ignore[no-untyped-def]
-    validation: list[ValidationResult], cfg, float_model, reference, quant_path: Path, reader, specs
+    validation: list[ValidationResult],
+    cfg,
+    float_model,
+    reference,
+    quant_path: Path,
+    reader,
+    specs,
+    show_progress=False,
 ) -> dict[str, Any]:
     """What a report adds to the metrics: latency, how the provider realizes the quantized graph, and,
     when a gate failed (or always, if asked), which nodes lost the accuracy and what keeping the worst
@@ -336,9 +423,18 @@ def diagnose(  # type: ignore[no-untyped-def]
     reference_proto = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
     # the pre-lowering snapshot keeps external weights by reference, relative to the input model's folder
     folder = Path(float_model).parent if isinstance(source, bytes) and isinstance(float_model, Path) else None
-    located = loc.localize(reference_proto, quant_path, reader, specs, slice_axis=cfg.slice_axis, reference_dir=folder)
-    if cfg.whatif_top:
-        kept, unchanged = loc.keep_float(onnx.load(str(quant_path)), located.top(cfg.whatif_top))
+    located = loc.localize(
+        reference_proto,
+        quant_path,
+        reader,
+        specs,
+        slice_axis=cfg.slice_axis,
+        reference_dir=folder,
+        show_progress=show_progress,
+    )
+    culprits = located.top(cfg.whatif_top) if cfg.whatif_top else []
+    kept, unchanged = loc.keep_float(onnx.load(str(quant_path)), culprits) if culprits else (None, culprits)
+    if kept is not None and len(unchanged) < len(culprits):
         (after,) = validate_models(
             float_model,
             kept.SerializeToString(),
@@ -348,13 +444,20 @@ def diagnose(  # type: ignore[no-untyped-def]
             batch_size=cfg.batch_size,
             gates=cfg.gates,
             slice_axis=cfg.slice_axis,
+            show_progress=show_progress,
         )
+        before, after_db = _worst_slice(judged[0]), _worst_slice(after)
         located.whatif = {
-            "kept_float": [n for n in located.top(cfg.whatif_top) if n not in unchanged],
+            "kept_float": [n for n in culprits if n not in unchanged],
             "metric": "worst output slice SQNR (dB)",
-            "before": _worst_slice(judged[0]),
-            "after": _worst_slice(after),
+            "before": before,
+            "after": after_db,
             "gates_pass_after": after.passed,
+            "helped": bool(after_db > before + 0.5),
+            "advice": None
+            if after_db > before + 0.5
+            else "the error is spread over many nodes (each adds a little, each rounding feeds the next), so "
+            "no few nodes in float recover it: try calibration.method=percentile, or --recipe mixed",
         }
     found["localization"] = located.to_json()
     return found
@@ -363,15 +466,6 @@ def diagnose(  # type: ignore[no-untyped-def]
 def _worst_slice(result: ValidationResult) -> float:
     values = [o.slices.worst_sqnr_db if o.slices is not None else o.sqnr_db for o in result.outputs]
     return min(values, default=float("nan"))
-
-
-def _write_report(result: Result, out_path: Path) -> Path:
-    from onnxq.html_report import write_html
-    from onnxq.report import write_json
-
-    report = result.report()
-    write_html(report, out_path.with_name(out_path.name + ".report.html"))
-    return write_json(report, out_path.with_name(out_path.name + ".report.json"))
 
 
 def plan_of(model: ir.Model) -> list[dict[str, Any]]:

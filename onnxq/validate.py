@@ -174,6 +174,7 @@ def validate_models(
     gates: Any = None,
     slice_axis: int | None = 1,
     metric: str | Callable[..., float] | None = None,
+    show_progress: bool = False,
 ) -> list[ValidationResult]:
     """`metric`: a callable (or `module:function`) given, per batch, the float outputs, the quantized
     outputs (dicts by output name) and the batch; it returns a score (higher is better, e.g. the share of
@@ -198,14 +199,35 @@ def validate_models(
             continue
         results.append(
             _validate_one(
-                float_model, quant_model, data, specs, provider, labels, batch_size, gates, slice_axis, metric
+                float_model,
+                quant_model,
+                data,
+                specs,
+                provider,
+                labels,
+                batch_size,
+                gates,
+                slice_axis,
+                metric,
+                show_progress,
             )
         )
     return results
 
 
 def _validate_one(  # type: ignore[no-untyped-def]
-    float_model, quant_model, data, specs, provider, labels, batch_size, gates, slice_axis, metric
+    float_model, quant_model, data, specs, provider, labels, batch_size, gates, slice_axis, metric, show_progress=False
+) -> ValidationResult:
+    from onnxq.progress import progress
+
+    with progress(show_progress, f"validating on {provider}", getattr(data, "num_samples", None)) as advance:
+        return _compare(
+            float_model, quant_model, data, specs, provider, labels, batch_size, gates, slice_axis, metric, advance
+        )
+
+
+def _compare(  # type: ignore[no-untyped-def]
+    float_model, quant_model, data, specs, provider, labels, batch_size, gates, slice_axis, metric, advance
 ) -> ValidationResult:
     ref_session, test_session = _session(float_model, provider), _session(quant_model, provider)
     output_names = [o.name for o in ref_session.get_outputs()]
@@ -227,6 +249,7 @@ def _validate_one(  # type: ignore[no-untyped-def]
             accs[name].update(np.asarray(r), np.asarray(t))
         count = sample_count(feeds, specs)
         samples += count
+        advance(count)
         if metric is not None:
             score = metric(dict(zip(output_names, ref, strict=True)), dict(zip(output_names, test, strict=True)), batch)
             metric_sum += float(score) * count

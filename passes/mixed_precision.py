@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 from onnxq import ir as onnxq_ir
 from onnxq import mckp, sensitivity
 from onnxq.errors import UsageError, did_you_mean
-from onnxq.pass_base import Pass, PassConfig
+from onnxq.pass_base import CALIB_FIX, Pass, PassConfig
 from onnxq.qspec import (
     COMPUTE_OPS,
     DEFAULT_ACTIVATIONS,
@@ -110,6 +110,8 @@ class MixedPrecisionConfig(PassConfig):
 
 
 class MixedPrecision(Pass):
+    """A precision per compute node from measured sensitivity, under a budget or an accuracy target."""
+
     name = "mixed_precision"
     Config = MixedPrecisionConfig
     after = ("assign_precision", "simplify", "fold_batchnorm", "upgrade_opset", "smooth_quant")
@@ -127,7 +129,7 @@ class MixedPrecision(Pass):
         if not batches:
             raise UsageError(
                 "mixed_precision measures sensitivity and needs calibration data",
-                "pass --calib DATA (or set calibration.data)",
+                CALIB_FIX,
             )
         base = {i: get_qspec(n) for i, n in enumerate(nodes)}
         reference = self._reference_config(groups, base)
@@ -174,6 +176,7 @@ class MixedPrecision(Pass):
             counts[c] = counts.get(c, 0) + 1
         spent = sum(costs[int(g)][c] for g, c in choice.items()) + costs["rest"]
         timings["total"] = time.perf_counter() - started
+        self.context.notes.extend(search.pop("notes", []))  # the search's verdict, then the plan it led to
         self.context.notes.append(
             f"mixed_precision: {len(groups)} groups → "
             + ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
@@ -181,7 +184,6 @@ class MixedPrecision(Pass):
             + f"; sensitivity {timings.get('sensitivity', 0.0):.1f} s with {workers} worker(s)"
             + f", total {timings['total']:.1f} s"
         )
-        self.context.notes.extend(search.pop("notes", []))
         if search.get("greedy"):  # by node name, so that a user (or a bench) can apply it as rules
             search["greedy"]["choice"] = {nodes[int(g)].name: c for g, c in search["greedy"]["choice"].items()}
         self.context.artifacts["mixed_precision"] = sensitivity.to_json(
@@ -390,10 +392,10 @@ class MixedPrecision(Pass):
                 table[i][c] = {"diag_hessian": diag, "hessian_trace": trace}
         variants = [(i, c) for i in groups for c, spec in candidates[i].items() if not spec.skip]
         if cfg.sensitivity == "measured" and variants:
-            from onnxq.calibration.session import _progress
+            from onnxq.progress import progress
 
             tick = time.perf_counter()
-            with _progress(self.context.show_progress, "measuring sensitivity", len(variants)) as advance:
+            with progress(self.context.show_progress, "measuring sensitivity", len(variants)) as advance:
                 scores = evaluator.many([{i: candidates[i][c]} for i, c in variants], advance)
             timings["sensitivity"] = time.perf_counter() - tick
             for (i, c), s in zip(variants, scores, strict=True):
@@ -453,7 +455,7 @@ class MixedPrecision(Pass):
         other candidate, take the loss changes as the knapsack's table (shifted per group to be >= 0, which
         changes no argmin), solve under the same budget, and keep the new plan only if it measures better.
         Returns the kept plan (its loss the measured one once a round was kept) and one record per round."""
-        from onnxq.calibration.session import _progress
+        from onnxq.progress import progress
 
         cfg = self.config
         solve = mckp.solve_exact if cfg.solver == "exact" else mckp.solve_greedy
@@ -470,7 +472,7 @@ class MixedPrecision(Pass):
         for _ in range(cfg.refine):
             switches = [(g.name, o.name) for g in groups for o in g.options if o.name != current.choice[g.name]]
             plan = lowered(current.choice)
-            with _progress(self.context.show_progress, "refining around the plan", len(switches)) as advance:
+            with progress(self.context.show_progress, "refining around the plan", len(switches)) as advance:
                 scores = evaluator.many([{**plan, int(g): candidates[int(g)][c]} for g, c in switches], advance)
             delta = {k: s.loss(cfg.loss, reference) - current_loss for k, s in zip(switches, scores, strict=True)}
             table = []
@@ -523,15 +525,16 @@ class MixedPrecision(Pass):
                 else:
                     lo = mid
         notes = []
+        unit = " dB" if target.metric == "sqnr" else ""
         if hi < 0:
             hi = max(probes, key=lambda k: (probes[k], -k))
             notes.append(
-                f"mixed_precision: target {target.metric} ≥ {target.min:g} not met; kept the best found "
-                f"({probes[hi]:.4g} at {front_json[hi]['cost_ratio']:.3f} of fp32)"
+                f"mixed_precision: target {target.metric} ≥ {target.min:g}{unit} not met; kept the best found "
+                f"({probes[hi]:.4g}{unit} at {front_json[hi]['cost_ratio']:.3f} of fp32)"
             )
         else:
             notes.append(
-                f"mixed_precision: target {target.metric} ≥ {target.min:g} met with {probes[hi]:.4g} at "
+                f"mixed_precision: target {target.metric} ≥ {target.min:g}{unit} met with {probes[hi]:.4g}{unit} at "
                 f"{front_json[hi]['cost_ratio']:.3f} of fp32 (front of {len(front)} points, {len(probes)} probes)"
             )
         return front[hi].choice, {

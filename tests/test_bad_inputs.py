@@ -126,7 +126,55 @@ def _map_output(folder: Path) -> list[str]:
     return _run(folder, model=folder / "zipmap.onnx")
 
 
+def _output_is_a_folder(folder: Path) -> list[str]:
+    (folder / "out").mkdir()
+    return ["run", str(_model(folder)), "-o", str(folder / "out"), "--calib", str(_calib(folder))]
+
+
+def _output_under_a_file(folder: Path) -> list[str]:
+    (folder / "plain.txt").write_text("a file, not a folder\n")
+    return ["run", str(_model(folder)), "-o", str(folder / "plain.txt" / "out.onnx"), "--calib", str(_calib(folder))]
+
+
+def _unloadable(folder: Path) -> list[str]:
+    """A Conv on a 2-D input: onnx.checker passes it, onnxruntime refuses to load it."""
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="the_conv")],
+        "conv2d_on_matrix",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 6])],
+        initializer=[onnx.numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.save(model, folder / "bad.onnx")
+    return _run(folder, "--calib", _calib(folder, x=np.ones((4, 8), np.float32)), model=folder / "bad.onnx")
+
+
+def _data(**arrays: np.ndarray) -> Setup:
+    def setup(folder: Path) -> list[str]:
+        data = folder / "eval.npz"
+        np.savez(data, **arrays)
+        return _run(folder, "--calib", _calib(folder), "--data", data)
+
+    return setup
+
+
+def _data_missing(folder: Path) -> list[str]:
+    return _run(folder, "--calib", _calib(folder), "--data", folder / "no_such_eval.npz")
+
+
+_NAN_X = cnn_data(8)
+_NAN_X[1, 0, 0, 0] = np.nan
+
 CASES: dict[str, tuple[Setup, str]] = {
+    "output is a folder": (_output_is_a_folder, "is a folder"),
+    "output under a file": (_output_under_a_file, "which is a file"),
+    "onnxruntime cannot load the float model": (_unloadable, "onnxruntime cannot load the float model"),
+    "evaluation data: missing file": (_data_missing, "evaluation data"),
+    "evaluation data: wrong names": (_data(y=cnn_data(8)), "no array for model input 'x'"),
+    "evaluation data: wrong shapes": (_data(x=cnn_data(8).reshape(8, 1, 4, 16)), "size 4 on axis 2"),
+    "evaluation data: NaN": (_data(x=_NAN_X), "NaN"),
     "not a file": (_not_a_file, "is not a file"),
     "not ONNX": (_not_onnx, "not a readable ONNX model"),
     "map-typed output (ZipMap)": (_map_output, "zipmap': false"),

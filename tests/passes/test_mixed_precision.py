@@ -137,7 +137,7 @@ def test_target_mode_returns_the_cheapest_probe_that_meets_the_target(block: tup
     assert chosen["score"] >= 30.0
     assert all(p["score"] < 30.0 for p in probes if p["cost_ratio"] < chosen["cost_ratio"])
     assert chosen["cost_ratio"] < 1.0  # something was quantized
-    assert any("target sqnr ≥ 30 met" in note for note in result.notes)
+    assert any("target sqnr ≥ 30 dB met with" in note and " dB at " in note for note in result.notes)
     # the saved model is what the probe measured: the same samples give the same SQNR
     x = np.load(calib)["x"]
     assert sqnr_db(_outputs(source, x), _outputs(result.output, x)) == pytest.approx(chosen["score"], abs=0.05)
