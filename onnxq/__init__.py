@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from onnxq.runner import run
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     # Lazy so `onnxq --help` and `onnxq passes` start fast (no onnxruntime import).
     if name == "run":

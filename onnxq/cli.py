@@ -10,13 +10,44 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from onnxq.errors import OnnxqError
 
+
+class _Command(typer.core.TyperCommand):
+    """Help that reads like a command line: flags without a `<bool>` type, arguments as MODEL, not {model}."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+            elif param.metavar:
+                param.display_type_rich = lambda ctx, p=param: p.metavar  # type: ignore[method-assign]
+            if isinstance(param, typer.core.TyperArgument):
+                param.get_usage_pieces = lambda ctx, p=param: [  # type: ignore[method-assign]
+                    (p.metavar or p.name or "").upper() + ("" if p.required else "?")
+                ]
+        return params
+
+
+class _Group(typer.core.TyperGroup):
+    command_class = _Command
+
+
+def _recipe_help() -> str:
+    from onnxq.recipes import descriptions
+
+    listed = "; ".join(f"{name}: {text}" for name, text in descriptions().items())
+    return f"a built-in recipe or a YAML file. Built-in ({len(descriptions())}): {listed}"
+
+
 app = typer.Typer(
+    cls=_Group,
     name="onnxq",
     help="Quantize ONNX models with recipes of graph passes, calibrated and validated on onnxruntime.\n\n"
     "Start with:  onnxq run model.onnx --recipe int8 --calib calib.npz",
@@ -26,6 +57,15 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+
+def interrupted_line() -> str:
+    """What Ctrl-C leaves behind, exactly: nothing, or the files the run had already put in place."""
+    outputs = sys.modules.get("onnxq.outputs")
+    written = list(getattr(outputs, "committed", []))
+    if not written:
+        return "interrupted; no output was written"
+    return "interrupted after writing " + ", ".join(str(p) for p in written)
 
 
 def _guard(fn):  # type: ignore[no-untyped-def]
@@ -40,7 +80,7 @@ def _guard(fn):  # type: ignore[no-untyped-def]
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted; no output was written")
+            err.print(interrupted_line(), highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except typer.Exit:
             raise
@@ -59,49 +99,59 @@ def _guard(fn):  # type: ignore[no-untyped-def]
     return wrapper
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def run(
-    model: Annotated[Path, typer.Argument(help="the float .onnx model (never modified)")],
-    recipe: Annotated[
-        str, typer.Option("--recipe", "-r", help="built-in recipe (int8, int8-dynamic) or a YAML file")
-    ] = "int8",
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="the float .onnx model (never modified)")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", metavar="NAME|FILE", help=_recipe_help())] = "int8",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="output model (default: MODEL.q.onnx beside the input)")
+        Path | None,
+        typer.Option("--output", "-o", metavar="FILE", help="output model (default: MODEL.q.onnx beside the input)"),
     ] = None,
     calib: Annotated[
         str | None,
         typer.Option(
-            help="calibration data: .npz of arrays keyed by input name (stacked on axis 0), a folder of them, "
-            "a folder of images (with calibration.preprocess), module:function, or 'synthetic'"
+            metavar="DATA",
+            help="calibration data: .npz of arrays keyed by input name (samples on the batch axis, or whole feeds "
+            "stacked on a new axis 0), a folder of them, a folder of images (with calibration.preprocess), "
+            "module:function or file.py:function yielding feed dicts, or 'synthetic' for a smoke run",
         ),
     ] = None,
     data: Annotated[
         str | None,
         typer.Option(
-            help="evaluation data for validation (default: the calibration data); a 'label' array adds accuracy"
+            metavar="DATA",
+            help="evaluation data for validation, in the forms --calib takes (default: the calibration data); "
+            "a 'label' array adds accuracy",
         ),
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="override a recipe key: calibration.num_samples=64, passes.upgrade_opset.target=17"),
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="override a recipe key (repeatable): calibration.num_samples=64, passes.upgrade_opset.target=17",
+        ),
     ] = None,
     stats: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="calibration statistics to reuse (a .calib.json of an earlier run; by default OUTPUT.calib.json "
-            "is written and reused when model, settings and data match)"
+            "is written and reused when model, settings and data match)",
         ),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="calibrate in N processes (same result, merged exactly)", min=1)
+        int | None, typer.Option(metavar="N", help="calibrate in N processes (same result, merged exactly)", min=1)
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-node plan; write nothing")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="skip validation against the float model")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables")] = False,
     custom_ops: Annotated[
         list[Path] | None,
-        typer.Option("--custom-ops", help="onnxruntime kernel library for the model's custom ops (repeatable)"),
+        typer.Option(
+            "--custom-ops", metavar="LIB", help="onnxruntime kernel library for the model's custom ops (repeatable)"
+        ),
     ] = None,
 ) -> None:
     """Quantize MODEL with a recipe, validate it against the float model, and write MODEL.q.onnx.
@@ -156,9 +206,14 @@ def _print_result(result: Any) -> None:
     for validation in result.validation:
         _print_validation(validation)
     _print_diagnosis(result.report())
+    report = ""
+    if result.report_path:
+        html = result.report_path.with_name(result.report_path.name.removesuffix(".json") + ".html")
+        report = f", report {html} (and {result.report_path.name})"
+    stats = [p for p in getattr(sys.modules.get("onnxq.outputs"), "committed", []) if p.name.endswith(".calib.json")]
     out.print(
-        f"wrote [bold]{result.output}[/] ({_size_line(result.sizes)})"
-        + (f", report {result.report_path}" if result.report_path else "")
+        f"wrote [bold]{result.output}[/] ({_size_line(result.sizes)}){report}"
+        + (f", statistics {stats[0]}" if stats else "")
     )
 
 
@@ -215,6 +270,9 @@ def _print_diagnosis(report: dict[str, Any], top: int = 10) -> None:
             f"latency ({row['provider']}, {row['threads']} thread(s)): float {row['float_ms']:.3f} ms, "
             f"quantized {row['quantized_ms']:.3f} ms, speedup {row['speedup']:.2f}×"
         )
+    slower = [row for row in report.get("latency") or [] if row["speedup"] < 0.95]
+    if slower:
+        out.print(f"[yellow]slower than float[/]: {_slow_reason(report, slower[0])}")
     realized = report.get("realization")
     if realized:
         kernels = ", ".join(f"{k}×{n}" for k, n in sorted(realized["integer_kernels"].items())) or "none"
@@ -237,12 +295,40 @@ def _print_diagnosis(report: dict[str, Any], top: int = 10) -> None:
         )
     out.print(table)
     whatif = found.get("whatif")
-    if whatif:
-        out.print(
-            f"what-if: keeping {', '.join(whatif['kept_float'])} in float moves the worst output slice from "
-            f"{float(whatif['before']):.1f} to {float(whatif['after']):.1f} dB"
-            + (" (gates pass)" if whatif["gates_pass_after"] else "")
+    if whatif and whatif.get("kept_float"):
+        moved = f"{float(whatif['before']):.1f} to {float(whatif['after']):.1f} dB"
+        if whatif.get("helped", True):
+            out.print(
+                f"what-if: keeping {', '.join(whatif['kept_float'])} in float moves the worst output slice from "
+                f"{moved}" + (" (gates pass)" if whatif["gates_pass_after"] else "")
+            )
+        else:
+            out.print(
+                f"what-if: keeping the {len(whatif['kept_float'])} worst nodes in float does not help (worst output "
+                f"slice {moved}): {whatif.get('advice')}"
+            )
+
+
+def _slow_reason(report: dict[str, Any], row: dict[str, Any]) -> str:
+    """Why the quantized model runs slower than the float one, and what to try, in one line."""
+    realized = report.get("realization") or {}
+    fallbacks = realized.get("fallbacks") or []
+    if fallbacks:
+        return (
+            f"{len(fallbacks)} quantized op(s) run on float kernels behind Q/DQ (listed below), paying for the "
+            "conversions without the integer math; keep them in float with a skip rule"
         )
+    if row["float_ms"] < 1.0:
+        return (
+            f"the model takes {row['float_ms']:.2f} ms in float: too small for integer kernels to repay the "
+            "Quantize/Dequantize steps; quantize for size (--recipe w8-block) or leave it in float"
+        )
+    if not realized.get("integer_kernels"):
+        return "no op runs on an integer kernel; try --recipe int8 (Conv) or int8-dynamic (MatMul)"
+    return (
+        "the integer kernels do not repay the Q/DQ steps between them at this size; try --recipe int8-dynamic "
+        "for MatMul-heavy models, or time it with more threads (validate.threads)"
+    )
 
 
 def _print_plan(plan: list[dict[str, Any]]) -> None:
@@ -256,11 +342,11 @@ def _print_plan(plan: list[dict[str, Any]]) -> None:
     out.print("to quantize: " + (", ".join(f"{k}×{v}" for k, v in sorted(counts.items())) or "nothing"))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def validate(
-    float_model: Annotated[Path, typer.Argument(help="the float reference model")],
-    quant_model: Annotated[Path, typer.Argument(help="the quantized model")],
+    float_model: Annotated[Path, typer.Argument(metavar="FLOAT_MODEL", help="the float reference model")],
+    quant_model: Annotated[Path, typer.Argument(metavar="QUANT_MODEL", help="the quantized model")],
     data: Annotated[str, typer.Option(help=".npz data (or folder, or module:function) keyed by input name")],
     providers: Annotated[
         str, typer.Option(help="comma-separated: cpu,cuda,tensorrt (missing ones are skipped)")
@@ -282,7 +368,9 @@ def validate(
     report: Annotated[Path | None, typer.Option(help="write the report here (.html, with a .json beside it)")] = None,
     custom_ops: Annotated[
         list[Path] | None,
-        typer.Option("--custom-ops", help="onnxruntime kernel library for the model's custom ops (repeatable)"),
+        typer.Option(
+            "--custom-ops", metavar="LIB", help="onnxruntime kernel library for the model's custom ops (repeatable)"
+        ),
     ] = None,
 ) -> None:
     """Compare a quantized model with its float original on the same data: per-output and per-slice metrics,
@@ -350,9 +438,9 @@ def validate(
         raise GateFailure(f"validation gate {failed[0].gate} failed: {failed[0].value:.4g}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
-def inspect(model: Annotated[Path, typer.Argument(help="an .onnx model")]) -> None:
+def inspect(model: Annotated[Path, typer.Argument(metavar="MODEL", help="an .onnx model")]) -> None:
     """Show opsets, inputs/outputs, the op histogram and which nodes the int8 recipe would quantize."""
     from onnxq import ir as onnxq_ir
     from onnxq.calibration.readers import input_specs
@@ -374,10 +462,14 @@ def inspect(model: Annotated[Path, typer.Argument(help="an .onnx model")]) -> No
     weight_bytes = sum(v.const_value.nbytes for v in g.initializers.values() if v.const_value is not None)
     constants = [n for n in g if n.op_type == "Constant" and "value" in n.attributes]
     constant_bytes = sum(n.attributes["value"].as_tensor().nbytes for n in constants)
-    out.print(
-        f"  {len(g.initializers)} initializers ({weight_bytes / 1e6:.2f} MB), {len(constants)} Constant nodes "
-        f"({constant_bytes / 1e6:.2f} MB: weights in the graph, lifted by simplify), {g.num_nodes()} nodes"
-    )
+    parts = [f"{g.num_nodes()} nodes"]
+    if g.initializers:
+        parts.append(f"{len(g.initializers)} initializers ({weight_bytes / 1e6:.2f} MB)")
+    if constants:
+        parts.append(
+            f"{len(constants)} Constant nodes ({constant_bytes / 1e6:.2f} MB: weights in the graph, lifted by simplify)"
+        )
+    out.print("  " + ", ".join(parts))
     counts = Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in g)
     table = Table(title="ops", title_justify="left")
     table.add_column("op")
@@ -389,7 +481,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="an .onnx model")]) -> No
     out.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def passes() -> None:
     """List the registered passes (built-in and plugins) with their config fields."""
@@ -401,7 +493,7 @@ def passes() -> None:
     table.add_column("config fields (default)")
     for name in registry.names():
         cls = registry.get(name)
-        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().split("\n")[0]
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
         doc = doc.split(":", 1)[1].strip() if doc.startswith(f"{name}:") else doc
         fields = [
             f"{key} ({info.default if info.default_factory is None else info.default_factory()})"
@@ -411,7 +503,23 @@ def passes() -> None:
     out.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
+@_guard
+def recipes() -> None:
+    """List the built-in recipes with what each one does (use one with `onnxq run MODEL --recipe NAME`)."""
+    from onnxq.recipes import descriptions
+
+    table = Table(
+        title="built-in recipes (onnxq run MODEL --recipe NAME; any YAML file works too)", title_justify="left"
+    )
+    table.add_column("recipe")
+    table.add_column("what it does")
+    for name, text in descriptions().items():
+        table.add_row(name, text)
+    out.print(table)
+
+
+@app.command(cls=_Command)
 @_guard
 def schema() -> None:
     """Print the JSON Schema of recipes (for editors and CI checks)."""
@@ -439,7 +547,12 @@ def recipe_schema() -> dict[str, Any]:
 
 
 def main() -> None:
-    app()
+    """The console script: Ctrl-C at any moment, imports included, is one line and exit 130."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print(interrupted_line(), highlight=False, soft_wrap=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

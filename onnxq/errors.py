@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-
-from onnx_ir.passes import PreconditionError
+from typing import Any
 
 
 class OnnxqError(Exception):
@@ -29,10 +28,6 @@ class RecipeError(UsageError):
     def __init__(self, path: str, problem: str, fix: str | None = None) -> None:
         self.path = path
         super().__init__(f"recipe error at '{path}': {problem}" if path else f"recipe error: {problem}", fix)
-
-
-class MissingPrerequisite(OnnxqError, PreconditionError):
-    """A pass's `requires()` failed: onnx-ir's PassManager re-raises it as is, with our message."""
 
 
 class GateFailure(OnnxqError):
@@ -59,3 +54,19 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
         shown = ", ".join(choices[:12]) + (", …" if len(choices) > 12 else "")
         return f"choose one of: {shown}"
     return None
+
+
+def __getattr__(name: str) -> Any:
+    # MissingPrerequisite subclasses onnx-ir's PreconditionError (onnx-ir's PassManager re-raises it as is,
+    # with our message); made on first use so that importing the errors, as the CLI does, stays fast.
+    if name == "MissingPrerequisite":
+        from onnx_ir.passes import PreconditionError
+
+        cls = type(
+            "MissingPrerequisite",
+            (OnnxqError, PreconditionError),
+            {"__doc__": "A pass's `requires()` failed.", "__module__": __name__},
+        )
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

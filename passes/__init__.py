@@ -5,7 +5,9 @@ from .cleanup import Cleanup
 from .fold_batchnorm import FoldBatchNorm
 from .fold_qat import FoldQAT
 from .insert_qdq import InsertQDQ
+from .lower_fp16 import LowerFP16
 from .matmul_nbits import FromMatMulNBits, ToMatMulNBits
+from .mixed_precision import MixedPrecision
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_weights import QuantizeWeights
 from .simplify import Simplify
@@ -20,6 +22,8 @@ __all__ = [
     "FoldQAT",
     "FromMatMulNBits",
     "InsertQDQ",
+    "LowerFP16",
+    "MixedPrecision",
     "QuantizeDynamic",
     "QuantizeWeights",
     "Simplify",

@@ -167,3 +167,23 @@ def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.initializers.values()
     for node in graph:
         yield from node.outputs
+
+
+def try_infer_shapes(model: ir.Model, strict_mode: bool = True) -> bool:
+    """onnx shape inference where it helps and is optional: a failure (an unknown op, a contrib op of the
+    onnxruntime-genai builder, a 2 GB model) leaves the model as it was, silently; onnx-ir's own warning for
+    it is a traceback with an unfilled format string, so it is muted here. True when it ran."""
+    import logging
+
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        ShapeInferencePass(strict_mode=strict_mode)(model)
+        return True
+    except Exception:
+        return False
+    finally:
+        logger.setLevel(level)

@@ -29,6 +29,8 @@ class AssignPrecisionConfig(PassConfig):
 
 
 class AssignPrecision(Pass):
+    """Turn the recipe's rules into per-node QuantSpec annotations (no graph change)."""
+
     name = "assign_precision"
     Config = AssignPrecisionConfig
     after = ("simplify", "fold_batchnorm")

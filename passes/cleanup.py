@@ -21,6 +21,8 @@ from ._half import restore_half_initializers
 
 
 class Cleanup(Pass):
+    """Remove dead nodes and initializers, sort, and make names unique: the last pass of a recipe."""
+
     name = "cleanup"
     Config = PassConfig
 

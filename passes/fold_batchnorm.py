@@ -16,6 +16,8 @@ from ._graph import add_initializer, constant_array, forget_names
 
 
 class FoldBatchNorm(Pass):
+    """Fold inference BatchNormalization into the Conv/ConvTranspose before it."""
+
     name = "fold_batchnorm"
     Config = PassConfig
     after = ("simplify",)

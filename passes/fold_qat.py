@@ -52,6 +52,8 @@ class FoldQATConfig(PassConfig):
 
 
 class FoldQAT(Pass):
+    """Keep what quantization-aware training learned, as fixed integer weights and Q/DQ pairs."""
+
     name = "fold_qat"
     Config = FoldQATConfig
     after = ("upgrade_opset",)
@@ -84,6 +86,12 @@ class FoldQAT(Pass):
                     ]
                     if n
                 )
+            )
+        elif not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph):
+            self.context.notes.append(
+                "fold_qat: no QAT scales found (no Q/DQ pairs, no fake-quant arithmetic"
+                + ("" if self.config.sidecar else ", no sidecar")
+                + "): everything is calibrated as in the int8 recipe"
             )
         return ir.passes.PassResult(model, modified=changed > 0)
 

@@ -106,6 +106,7 @@ class _Plan:
     readers: dict[str, set[int]] = field(default_factory=dict)  # value -> ids of quantized consumers
     weight_only: list[tuple[ir.Node, NodeQuant]] = field(default_factory=list)  # input already Q/DQ'd
     bias_only: list[ir.Node] = field(default_factory=list)  # input and weight already Q/DQ'd
+    activation_only: list[ir.Node] = field(default_factory=list)  # weight already Q/DQ'd, the input float
 
     def add(self, value: ir.Value, spec: QuantSpec) -> None:
         if value.name in self.prequantized or _feeds_quantize(value, self.graph):
@@ -138,6 +139,18 @@ def _reads_dequantized(node: ir.Node, local_copies: set[str] = frozenset()) -> b
         and p.op_type == "DequantizeLinear"
         for v in node.inputs
     )
+
+
+def _weight_quantized_before(node: ir.Node) -> bool:
+    """A compute op whose weight is an integer constant read through DequantizeLinear (a model quantized
+    weight-only, or by another tool) while its input is still a float activation."""
+    inputs = list(node.inputs)
+    if len(inputs) < 2 or inputs[0] is None or inputs[1] is None or not _is_float(inputs[0]):
+        return False
+    weight, source = inputs[1].producer(), inputs[0].producer()
+    if (source is not None and source.op_type == "DequantizeLinear") or is_constant(inputs[0]):
+        return False
+    return weight is not None and weight.op_type == "DequantizeLinear" and is_constant(weight.inputs[0])
 
 
 def _float_weight_behind_rounded_input(node: ir.Node) -> bool:
@@ -222,6 +235,8 @@ def _weight_axis(node: ir.Node, weight: np.ndarray, spec: QuantSpec) -> int | No
 
 
 class InsertQDQ(Pass):
+    """Lower QuantSpec annotations to QuantizeLinear/DequantizeLinear pairs (the QDQ format)."""
+
     name = "insert_qdq"
     Config = InsertQDQConfig
     needs = frozenset({ACTIVATION_STATS})
@@ -305,6 +320,13 @@ class InsertQDQ(Pass):
         self._insert_activation_qdq(graph, plan, qparams, values)
         for node, spec in compute_nodes:
             self._quantize_weight_and_bias(graph, node, spec, qparams, weight_cache)
+        if plan.activation_only:
+            biases = sum(_quantize_bias_behind_qdq(graph, node) for node in plan.activation_only)
+            self.context.notes.append(
+                f"insert_qdq: {_count(len(plan.activation_only), 'op')} with weights quantized before got their "
+                "activations quantized (integer kernels need both)"
+                + (f"; {biases} float biases stored as int32 at s_x·s_w" if biases else "")
+            )
         self.context.notes.append(
             f"insert_qdq: {len(plan.spec)} activations in {len({plan.find(n) for n in plan.spec})} scale groups, "
             f"{len(weight_cache)} weights, {len(compute_nodes)} compute ops"
@@ -372,6 +394,10 @@ class InsertQDQ(Pass):
             if node.domain not in ("", "ai.onnx") or any(id(v) in unreachable for v in node.inputs):
                 continue  # a custom op, or after one that calibration cannot run
             if _reads_dequantized(node, plan.prequantized):
+                if node.op_type in COMPUTE_OPS and not spec.activations.is_float and _weight_quantized_before(node):
+                    self._plan_activations(node, spec.activations, [node.inputs[0]], plan)  # type: ignore[list-item]
+                    plan.activation_only.append(node)  # as onnxruntime does: the integer kernel needs both
+                    continue
                 if node.op_type in COMPUTE_OPS and _float_weight_behind_rounded_input(node):
                     plan.weight_only.append((node, spec))  # training rounded the input, not the weight
                 elif node.op_type in ("Conv", "Gemm") and self.config.quantize_bias:
@@ -405,16 +431,19 @@ class InsertQDQ(Pass):
             return False  # a computed conv weight: leave the op in float
         if is_constant(inputs[0]) or spec.weights.is_float:
             return False
-        activations = [inputs[0]] if weight_is_const else inputs[:2]
+        self._plan_activations(node, act, [inputs[0]] if weight_is_const else inputs[:2], plan)  # type: ignore[list-item]
+        return True
+
+    def _plan_activations(self, node: ir.Node, act: QuantSpec, activations: list[ir.Value], plan: _Plan) -> None:
+        """Q/DQ on a compute op's activation inputs and, unless its float output is free, on its output."""
         for value in activations:
             plan.add(value, act)
             plan.read_by(value, node)
         out = self._group_output(node)
         if node.op_type in self.config.float_output_ops and not _reaches_quantized_op(out):
-            return True  # integer kernel with a float output (QGemm, MatMulIntegerToFloat): no output error
+            return  # integer kernel with a float output (QGemm, MatMulIntegerToFloat): no output error
         plan.add(out, act)
         plan.produced_quantized.add(out.name)
-        return True
 
     def _plan_uncovered_output(self, node: ir.Node, act: QuantSpec, plan: _Plan) -> None:
         """An op whose inputs training rounded but whose output it did not (Conv → Relu → ReduceMean):

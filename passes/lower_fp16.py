@@ -17,17 +17,15 @@ Other annotated ops stay in fp32 and are named in the note.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxq.pass_base import Pass, PassConfig
 from onnxq.qspec import get_qspec
 
-from ._graph import add_initializer, constant_array, forget_names, unique_name
+from ._graph import add_initializer, constant_array, forget_names, try_infer_shapes, unique_name
 
 FP16_MAX = 65504.0
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
@@ -46,6 +44,8 @@ class LowerFP16Config(PassConfig):
 
 
 class LowerFP16(Pass):
+    """Run the nodes annotated fp16 in float16, with Cast boundaries to the fp32 rest of the graph."""
+
     name = "lower_fp16"
     Config = LowerFP16Config
     after = ("assign_precision", "mixed_precision", "fold_batchnorm", "simplify", "upgrade_opset")
@@ -57,8 +57,7 @@ class LowerFP16(Pass):
             n for n in graph if (s := get_qspec(n)) is not None and not s.skip and s.activations.dtype == "fp16"
         ]
         if any(v is not None and _dtype(v) is None for n in annotated for v in n.inputs):
-            with contextlib.suppress(Exception):  # types stay unknown: those nodes stay fp32 and are noted
-                ShapeInferencePass(strict_mode=False)(model)
+            try_infer_shapes(model, strict_mode=False)  # types stay unknown: those nodes stay fp32 and are noted
         lowered: list[tuple[ir.Node, list[int]]] = []
         left: Counter[str] = Counter()
         for node in annotated:

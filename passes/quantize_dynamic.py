@@ -21,6 +21,8 @@ from ._graph import add_initializer, constant_array, forget_names, unique_name
 
 
 class QuantizeDynamic(Pass):
+    """MatMul/Gemm with activations quantized at run time (no calibration data needed)."""
+
     name = "quantize_dynamic"
     Config = PassConfig
     after = ("assign_precision", "simplify", "upgrade_opset")

@@ -68,6 +68,8 @@ class _Target:
 
 
 class QuantizeWeights(Pass):
+    """Weight-only block quantization of MatMul/Gemm (int4/uint4/int8/uint8, blocks of 16–256)."""
+
     name = "quantize_weights"
     Config = QuantizeWeightsConfig
     after = ("assign_precision", "simplify", "upgrade_opset", "smooth_quant")

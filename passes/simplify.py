@@ -24,7 +24,7 @@ from onnxq.errors import OnnxqError
 from onnxq.pass_base import Pass, PassConfig
 
 from ._attention import fold_attention_biases
-from ._graph import add_initializer, constant_array, is_constant, only_reader, replace_model
+from ._graph import add_initializer, constant_array, is_constant, only_reader, replace_model, try_infer_shapes
 
 # onnx-optimizer passes that make the graph slower on onnxruntime (see the module docstring).
 SKIPPED_OPTIMIZERS = ("fuse_matmul_add_bias_into_gemm_batched",)
@@ -58,6 +58,8 @@ class SimplifyConfig(PassConfig):
 
 
 class Simplify(Pass):
+    """onnxsim constant folding and clean-up, with weights in `Constant` nodes made initializers."""
+
     name = "simplify"
     Config = SimplifyConfig
     after = ("upgrade_opset",)
@@ -241,9 +243,4 @@ def _is_scalar(value: ir.Value | None, expected: float) -> bool:
 
 
 def _infer_shapes(model: ir.Model) -> None:
-    import contextlib
-
-    from onnx_ir.passes.common import ShapeInferencePass
-
-    with contextlib.suppress(Exception):  # an unknown op or a 2 GB model: the rewrite is skipped, nothing breaks
-        ShapeInferencePass()(model)
+    try_infer_shapes(model)  # an unknown op or a 2 GB model: the rewrite is skipped, nothing breaks

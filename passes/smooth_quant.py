@@ -65,6 +65,8 @@ class _Target:
 
 
 class SmoothQuant(Pass):
+    """Migrate activation outliers into the weights of MatMul/Gemm (SmoothQuant, Xiao et al. 2023)."""
+
     name = "smooth_quant"
     Config = SmoothQuantConfig
     needs = frozenset({ACTIVATION_STATS})

@@ -32,6 +32,8 @@ class UpcastFP16Config(PassConfig):
 
 
 class UpcastFP16(Pass):
+    """Let a float16 or bfloat16 model compute in float32, keeping its inputs and outputs as they are."""
+
     name = "upcast_fp16"
     Config = UpcastFP16Config
 

@@ -56,6 +56,8 @@ class UpgradeOpsetConfig(PassConfig):
 
 
 class UpgradeOpset(Pass):
+    """Raise the default-domain opset so the quantized form is expressible."""
+
     name = "upgrade_opset"
     Config = UpgradeOpsetConfig
 
