@@ -102,7 +102,9 @@ def _guard(fn):  # type: ignore[no-untyped-def]
 @app.command(cls=_Command)
 @_guard
 def run(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="the float .onnx model (never modified)")],
+    model: Annotated[
+        Path | None, typer.Argument(metavar="MODEL", help="the float .onnx model (never modified)", show_default=False)
+    ] = None,
     recipe: Annotated[str, typer.Option("--recipe", "-r", metavar="NAME|FILE", help=_recipe_help())] = "int8",
     output: Annotated[
         Path | None,
@@ -153,6 +155,12 @@ def run(
             "--custom-ops", metavar="LIB", help="onnxruntime kernel library for the model's custom ops (repeatable)"
         ),
     ] = None,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo", help="quantize the bundled digits CNN with its own data, writing ./digits_cnn.q.onnx (no MODEL)"
+        ),
+    ] = False,
 ) -> None:
     """Quantize MODEL with a recipe, validate it against the float model, and write MODEL.q.onnx.
 
@@ -166,13 +174,18 @@ def run(
 
       onnxq run model.onnx --dry-run                          (the per-node plan)
 
+      onnxq run --demo                                        (the bundled digits CNN, its own data)
+
     Exit codes: 0 ok, 2 bad input (model, recipe, data), 3 validation gates failed (output still written).
     """
-    from onnxq.errors import GateFailure
+    from onnxq.errors import GateFailure, UsageError
     from onnxq.ort_session import use_custom_ops
     from onnxq.runner import run as run_recipe
 
     use_custom_ops(custom_ops or [])
+    model, output, calib, data = _demo_inputs(model, output, calib, data) if demo else (model, output, calib, data)
+    if model is None:
+        raise UsageError("no MODEL given", "pass the path of a float .onnx model, or --demo for the bundled one")
     show = not quiet and sys.stderr.isatty()
     try:
         result = run_recipe(
@@ -199,6 +212,23 @@ def run(
             out.print(f"[dim]{escape(note)}[/dim]")
         return
     _print_result(result)
+
+
+def _demo_inputs(
+    model: Path | None, output: Path | None, calib: str | None, data: str | None
+) -> tuple[Path, Path, str, str]:
+    """The bundled digits CNN and its data; the output goes to the current folder, not into the package."""
+    from onnxq import demo as bundled
+    from onnxq.errors import UsageError
+
+    if model is not None:
+        raise UsageError(f"--demo quantizes the bundled model, and MODEL '{model}' was given too", "drop one of them")
+    return (
+        bundled.MODEL,
+        output or Path("digits_cnn.q.onnx"),
+        calib or str(bundled.CALIB),
+        data or str(bundled.EVAL),
+    )
 
 
 def _print_result(result: Any) -> None:

@@ -42,6 +42,11 @@ class SimplifyConfig(PassConfig):
     gelu_for_fusion: bool = Field(
         True, description="reorder exact-GELU factors so that onnxruntime fuses Gelu and its bias (bit-identical)"
     )
+    conv_scale_fold: bool = Field(
+        True,
+        description="a constant Mul/Div after a Conv (a detector's stride, a per-channel scale) goes into its "
+        "weight and bias (exact up to float rounding), so the Conv's quantized output covers the real range",
+    )
     matmul_bias_to_gemm: bool = Field(
         True,
         description="a 2-D MatMul + bias Add becomes one Gemm (onnxruntime fuses the pair into a float Gemm "
@@ -66,16 +71,19 @@ class Simplify(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        if self.config.onnxsim:
-            modified |= self._onnxsim(model)
-        if self.config.spatial_mean_to_pool:
-            if not self.config.onnxsim:
-                _infer_shapes(model)  # onnxsim would have; the rewrite needs to know the rank
-            modified |= _spatial_means_to_pools(model.graph) > 0
-        if (self.config.attention_biases or self.config.matmul_bias_to_gemm) and not (
-            self.config.onnxsim or self.config.spatial_mean_to_pool
+        simplified = self.config.onnxsim and self._onnxsim(model)
+        modified |= simplified
+        if not simplified and (
+            self.config.spatial_mean_to_pool or self.config.attention_biases or self.config.matmul_bias_to_gemm
         ):
-            _infer_shapes(model)  # these rewrites check ranks and head splits on inferred shapes
+            _infer_shapes(model)  # onnxsim would have; these rewrites check ranks and head splits
+        if self.config.spatial_mean_to_pool:
+            modified |= _spatial_means_to_pools(model.graph) > 0
+        if self.config.conv_scale_fold:
+            folded = _conv_scales_folded(model.graph)
+            if folded:
+                self.context.notes.append(f"simplify: {folded} constant Mul/Div after a Conv folded into its weights")
+                modified = True
         if self.config.matmul_bias_to_gemm:
             fused = _matmul_biases_to_gemms(model.graph)
             if fused:
@@ -170,6 +178,61 @@ def _spatial_means_to_pools(graph: ir.Graph) -> int:
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, node.outputs, new_nodes[-1].outputs)
         rewritten += 1
     return rewritten
+
+
+def _conv_scales_folded(graph: ir.Graph) -> int:
+    """Conv(x, W, b) · s → Conv(x, W·s, b·s), and Conv / s → Conv(x, W/s, b/s), for a constant s that is a
+    scalar or one value per output channel (s_c scales output channel c: Σ W_c·x + b_c times s_c). The Mul
+    no longer stands between the Conv and its readers, so the Conv's quantized output has the real range
+    (a detector's stride Mul before a box/score Concat) and one integer kernel does all of it."""
+    folded = 0
+    for conv in list(graph):
+        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.inputs) < 2:
+            continue
+        weight = constant_array(conv.inputs[1])
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
+        bias = constant_array(conv.inputs[2]) if has_bias else None
+        if (
+            weight is None
+            or weight.dtype.kind != "f"
+            or (has_bias and bias is None)
+            or conv.outputs[0].is_graph_output()
+        ):
+            continue
+        scaling = only_reader(conv.outputs[0])
+        if scaling is None or scaling.op_type not in ("Mul", "Div") or scaling.domain not in ("", "ai.onnx"):
+            continue
+        if len(scaling.inputs) != 2 or (scaling.op_type == "Div" and scaling.inputs[0] is not conv.outputs[0]):
+            continue
+        other = scaling.inputs[1] if scaling.inputs[0] is conv.outputs[0] else scaling.inputs[0]
+        factor = _per_output_channel(constant_array(other), weight)
+        if factor is None or (scaling.op_type == "Div" and not np.all(factor != 0)):
+            continue
+        factor = 1 / factor if scaling.op_type == "Div" else factor
+        base = conv.inputs[1].name or "conv_weight"
+        shaped = factor.reshape(-1, *[1] * (weight.ndim - 1))
+        inputs = [conv.inputs[0], add_initializer(graph, f"{base}_scaled", (weight * shaped).astype(weight.dtype))]
+        if bias is not None:
+            inputs.append(add_initializer(graph, f"{conv.inputs[2].name}_scaled", (bias * factor).astype(bias.dtype)))
+        new = ir.node("Conv", inputs, attributes=dict(conv.attributes), name=conv.name)
+        new.outputs[0].dtype, new.outputs[0].shape = scaling.outputs[0].dtype, scaling.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(graph, conv, [conv, scaling], [new], scaling.outputs, new.outputs)
+        folded += 1
+    return folded
+
+
+def _per_output_channel(scale: np.ndarray | None, weight: np.ndarray) -> np.ndarray | None:
+    """`scale` as one factor per output channel of a Conv with `weight`, if it broadcasts only along the channel
+    axis of the output [N, C, spatial…] (a scalar, [C], [C, 1, 1], [1, C, 1, 1]); None otherwise."""
+    if scale is None or scale.dtype != weight.dtype or scale.ndim > weight.ndim:
+        return None
+    channels = weight.shape[0]
+    if scale.size == 1:
+        return np.full(channels, scale.reshape(-1)[0], dtype=weight.dtype)
+    padded = (1,) * (weight.ndim - scale.ndim) + scale.shape
+    if padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
+        return None
+    return scale.reshape(-1)
 
 
 def _matmul_biases_to_gemms(graph: ir.Graph) -> int:
