@@ -1,5 +1,5 @@
 """`python -m onnxq` is the same as the `onnxq` command."""
 
-from onnxq.cli import main
+from onnxq._launch import main
 
 main()

@@ -30,7 +30,7 @@ class _Command(typer.core.TyperCommand):
                 param.display_type_rich = lambda ctx, p=param: p.metavar  # type: ignore[method-assign]
             if isinstance(param, typer.core.TyperArgument):
                 param.get_usage_pieces = lambda ctx, p=param: [  # type: ignore[method-assign]
-                    (p.metavar or p.name or "").upper() + ("" if p.required else "?")
+                    (p.metavar or p.name or "").upper() if p.required else f"[{(p.metavar or p.name or '').upper()}]"
                 ]
         return params
 
@@ -579,7 +579,7 @@ def recipe_schema() -> dict[str, Any]:
 def main() -> None:
     """The console script: Ctrl-C at any moment, imports included, is one line and exit 130."""
     try:
-        app()
+        app(prog_name="onnxq")  # also under `python -m onnxq`
     except KeyboardInterrupt:
         err.print(interrupted_line(), highlight=False, soft_wrap=True)
         sys.exit(130)

@@ -70,7 +70,7 @@ class Staging:
         self.folder = folder
         self.dir = Path(tempfile.mkdtemp(prefix=".onnxq-", suffix=".tmp", dir=folder))
         self.stale: list[Path] = []  # final paths that must not survive the commit (an old model's report)
-        self.late_writes: list[Callable[[], Path]] = []  # files outside `folder`, written at commit
+        self.late_writes: list[Callable[[], Path | None]] = []  # written at commit (None: nothing to write)
 
     def path(self, final: Path) -> Path:
         """Where to write the file that will become `final` (which must be in `folder`)."""
@@ -87,7 +87,7 @@ class Staging:
                     old.unlink(missing_ok=True)
             for source, final in zip(staged, finals, strict=True):
                 os.replace(source, final)
-            finals += [write() for write in self.late_writes]
+            finals += [path for write in self.late_writes if (path := write()) is not None]
             committed[:] = finals
         self.abort()
         return finals
