@@ -18,6 +18,7 @@ MAX_SLICE_BARS = 256
 TOP_NODES = 20
 MAX_TABLE_ROWS = 200
 MAX_PRECISION_CELLS = 12_000
+MAX_PRECISION_ROWS = 60  # up to this many nodes the precision map lists each; above, it groups them by op
 
 _CSS = """
 :root { color-scheme: light; --fg: #1f2937; --muted: #6b7280; --line: #e5e7eb; --zebra: #f9fafb; }
@@ -201,22 +202,30 @@ def _slice_chart(name: str, slices: dict[str, Any], threshold: float) -> str:
     step = plot_w / len(bars)
     gap = step * 0.18 if step > 4 else 0.0
     parts = []
+    used: set[str] = set()  # which states the bars show: the legend names only those
     for tick in _ticks(lo, hi):
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#eee"/>')
         parts.append(f'<text x="{left - 4}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    mid = top + plot_h / 2
+    parts.append(
+        f'<text x="11" y="{mid:.1f}" text-anchor="middle" transform="rotate(-90 11 {mid:.1f})">SQNR (dB)</text>'
+    )
     worst = slices.get("worst_index")
     for i, (first, last, v) in enumerate(bars):
         x = left + i * step + gap / 2
         span = f"{first}" if first == last else f"{first}–{last} (min)"
         if v is None or math.isnan(v) or v == -math.inf:
             what = "reference all zeros, not judged" if v == -math.inf else "n/a"
+            used.add("none")
             parts.append(
                 f'<rect x="{x:.2f}" y="{y(0) - 2:.1f}" width="{max(step - gap, 0.5):.2f}" height="2" '
                 f'fill="{_BAR_NONE}"><title>{_e(name)}[{span}]: {what}</title></rect>'
             )
             continue
         shown = hi if v == math.inf else _clamp(v)
-        color = _BAR_EXACT if v == math.inf else (_BAR_BAD if v < threshold else _BAR)
+        state = "exact" if v == math.inf else ("bad" if v < threshold else "good")
+        used.add(state)
+        color = {"exact": _BAR_EXACT, "bad": _BAR_BAD, "good": _BAR}[state]
         y0, y1 = sorted((y(shown), y(0)))
         parts.append(
             f'<rect x="{x:.2f}" y="{y0:.1f}" width="{max(step - gap, 0.5):.2f}" height="{max(y1 - y0, 0.5):.1f}" '
@@ -239,15 +248,22 @@ def _slice_chart(name: str, slices: dict[str, Any], threshold: float) -> str:
             f"▲ worst {worst}</text>"
         )
     axis = slices.get("axis", "?")
+    parts.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle">slice index along axis {_e(axis)}'
+        "</text>"
+    )
     note = f"{len(raw)} slices along axis {_e(axis)}"
     if size > 1:
         note += f", aggregated into {len(bars)} bars of {size} (each bar is its bucket's minimum)"
+    states = [("good", _BAR, "≥ gate"), ("bad", _BAR_BAD, "below gate"), ("exact", _BAR_EXACT, "exact")]
+    legend = "".join(
+        f"<span><i style='background:{color}'></i>{text}</span>"
+        for state, color, text in [*states, ("none", _BAR_NONE, "not judged")]
+        if state in used
+    )
     caption = (
         f"<figcaption>{_e(name)}: SQNR per slice, {note}; worst slice {_e(worst)} at "
-        f"{_db(slices.get('worst_sqnr_db'))}. <span class='legend'><span><i style='background:{_BAR}'></i>"
-        f"≥ gate</span><span><i style='background:{_BAR_BAD}'></i>below gate</span>"
-        f"<span><i style='background:{_BAR_EXACT}'></i>exact</span>"
-        f"<span><i style='background:{_BAR_NONE}'></i>not judged</span></span></figcaption>"
+        f"{_db(slices.get('worst_sqnr_db'))}. <span class='legend'>{legend}</span></figcaption>"
     )
     return f"<figure>{_svg(width, height, ''.join(parts), f'SQNR per slice of {name}')}{caption}</figure>"
 
@@ -331,7 +347,27 @@ def _precision_chart(nodes: list[dict[str, Any]]) -> str:
     note = f"{total} nodes in graph order, left to right; hover a square for its node."
     if total > len(shown):
         note += f" Only the first {len(shown)} are drawn."
-    return f"<figure>{svg}<figcaption><div class='legend'>{legend}</div>{note}</figcaption></figure>"
+    figure = f"<figure>{svg}<figcaption><div class='legend'>{legend}</div>{note}</figcaption></figure>"
+    return figure + _precision_table(nodes)
+
+
+def _precision_table(nodes: list[dict[str, Any]]) -> str:
+    """Readable without hovering: every node for a small graph, else one row per op type with its counts."""
+    if len(nodes) <= MAX_PRECISION_ROWS:
+        rows = [[_e(n.get("name", "")), _e(n.get("op_type", "")), _e(n.get("precision", "?"))] for n in nodes]
+        return _table(["node", "op", "precision"], rows)
+    by_op: dict[str, dict[str, int]] = {}
+    for node in nodes:
+        counts = by_op.setdefault(str(node.get("op_type", "?")), {})
+        precision = str(node.get("precision", "?"))
+        counts[precision] = counts.get(precision, 0) + 1
+    precisions = sorted({p for counts in by_op.values() for p in counts})
+    rows = [
+        [_e(op), str(sum(counts.values())), *(str(counts.get(p, "")) for p in precisions)]
+        for op, counts in sorted(by_op.items(), key=lambda kv: -sum(kv[1].values()))
+    ]
+    numeric = set(range(1, len(precisions) + 2))
+    return _table(["op", "nodes", *precisions], rows, numeric)
 
 
 def pareto_chart(front: list[dict[str, Any]], chosen: dict[str, Any] | None, probes: list[dict[str, Any]]) -> str:
@@ -661,8 +697,14 @@ def _recipe(report: dict[str, Any]) -> str:
     recipe = report.get("recipe")
     if not recipe:
         return ""
-    text = json.dumps(recipe, indent=2, default=str)
-    return f"<section><h2>Recipe</h2><pre>{_e(text)}</pre></section>"
+    import yaml
+
+    text = yaml.safe_dump(json.loads(json.dumps(recipe, default=str)), sort_keys=False, width=100)
+    lines = text.count("\n")
+    return (
+        f"<section><h2>Recipe</h2><details><summary>the resolved recipe as YAML ({lines} lines; rerun it with "
+        f"<code>--recipe FILE</code>)</summary><pre>{_e(text)}</pre></details></section>"
+    )
 
 
 # --- entry points -------------------------------------------------------------------------------------

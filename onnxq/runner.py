@@ -89,6 +89,8 @@ def precision_map(model: ir.Model) -> list[dict[str, str]]:
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
             bits = node.attributes.get_int("bits", 4)
             precision = f"int{bits} weights"
+        elif spec is None and _fused_activation(node):
+            precision = "fused into its " + node.inputs[0].producer().op_type  # type: ignore[union-attr]
         elif spec is None or spec.skip:
             precision = "fp32"
         elif spec.activations.is_float:
@@ -97,6 +99,19 @@ def precision_map(model: ir.Model) -> list[dict[str, str]]:
             precision = spec.activations.dtype
         rows.append({"name": node.name or "", "op_type": node.op_type, "precision": precision})
     return rows
+
+
+def _fused_activation(node: ir.Node) -> bool:
+    """A Relu/Clip between a quantized Conv/Gemm and its output QuantizeLinear: onnxruntime runs it inside the
+    integer kernel (QLinearConv clamps to the output range)."""
+    if node.op_type not in ("Relu", "Clip") or not node.inputs or node.inputs[0] is None:
+        return False
+    producer = node.inputs[0].producer()
+    if producer is None or producer.op_type not in ("Conv", "Gemm", "MatMul"):
+        return False
+    spec = get_qspec(producer)
+    quantized = spec is not None and not spec.skip and not spec.activations.is_float
+    return quantized and any(use.node.op_type == "QuantizeLinear" for use in node.outputs[0].uses())
 
 
 def build_passes(recipe: Recipe, context: PassContext) -> list[Pass]:

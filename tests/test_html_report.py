@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -187,6 +189,23 @@ def test_every_section_renders_offline_and_escaped(full_report: dict) -> None:
     )
     for section in ("Summary", "Validation", "Where the error comes from", "Precision map", "Recipe"):
         assert f"<h2>{section}</h2>" in page
+
+
+def test_the_page_teaches_without_hovering(full_report: dict) -> None:
+    import yaml
+
+    page = render(full_report)
+    recipe = re.search(r"<details><summary>the resolved recipe as YAML.*?<pre>(.*?)</pre></details>", page, re.S)
+    assert recipe is not None and yaml.safe_load(html.unescape(recipe.group(1)))["name"] == "int8"
+    assert page.count("slice index along axis") == 3 and page.count(">SQNR (dB)</text>") == 3
+    # the big precision map (400+ nodes) is grouped by op, with a count per precision
+    assert re.search(r"<th>op</th><th class=\"num\">nodes</th>(<th class=\"num\">[^<]+</th>)+", page)
+    small = render({**full_report, "precision": full_report["precision"][:5]})
+    assert "<th>node</th><th>op</th><th>precision</th>" in small
+    # the digits logits have no exact or unjudged slice: their legend does not list those states
+    digits_caption = re.search(r"<figcaption>[^<]*: SQNR per slice, 10 slices.*?</figcaption>", page, re.S)
+    assert digits_caption is not None and "exact" not in digits_caption.group(0)
+    assert "not judged" not in digits_caption.group(0)
 
 
 def test_small_and_old_reports_render(full_report: dict, tmp_path: Path) -> None:
