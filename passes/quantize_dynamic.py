@@ -6,6 +6,11 @@ Lowered to the pattern onnxruntime fuses into its DynamicQuantizeMatMul kernel:
 
 W_q is int8 per output column (MatMulInteger takes per-column zero points; the per-column scales ride in
 the Mul), so the whole thing computes (x_q − z_x)(W_q − z_w)·s_x·s_w = x̂·Ŵ.
+
+An LSTM becomes onnxruntime's com.microsoft::DynamicQuantizeLSTM: its input and recurrent weights W [D, 4H, I]
+and R [D, 4H, H] are stored int8, transposed to [D, I, 4H] / [D, H, 4H] as the kernel reads them, with one
+symmetric scale per gate row (per channel) or per direction, and every time step quantizes x_t and h_t at run
+time (Ŵx_t + R̂h_t + b). onnxruntime has no such kernel for GRU or RNN, so those stay float.
 """
 
 from __future__ import annotations
@@ -30,17 +35,23 @@ class QuantizeDynamic(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        lowered = 0
+        lowered = lstms = 0
         for node in list(graph):
             spec = get_qspec(node)
             if spec is None or spec.skip or not spec.activations.dynamic or node.domain not in ("", "ai.onnx"):
                 continue
             if node.op_type in ("MatMul", "Gemm") and self._lower(graph, node, spec):
                 lowered += 1
-        if lowered:
+            elif node.op_type == "LSTM" and _lower_lstm(graph, node, spec):
+                lstms += 1
+        if lowered or lstms:
             graph.sort()
             forget_names(graph)
+        if lowered:
             self.context.notes.append(f"quantize_dynamic: {lowered} MatMul/Gemm with run-time activation scales")
+        if lstms:
+            self.context.notes.append(f"quantize_dynamic: {lstms} LSTM → DynamicQuantizeLSTM (int8 W and R)")
+        lowered += lstms
         return ir.passes.PassResult(model, modified=lowered > 0)
 
     def _lower(self, graph: ir.Graph, node: ir.Node, spec) -> bool:  # type: ignore[no-untyped-def]
@@ -100,3 +111,49 @@ class QuantizeDynamic(Pass):
         if was_output:
             final.name = name
         return True
+
+
+def _lower_lstm(graph: ir.Graph, node: ir.Node, spec) -> bool:  # type: ignore[no-untyped-def]
+    """LSTM(X, W, R, …) → DynamicQuantizeLSTM(X, W_q, R_q, …, s_W, z_W, s_R, z_R), same outputs."""
+    inputs = list(node.inputs)
+    weights = [constant_array(v) if v is not None else None for v in inputs[1:3]]
+    if len(inputs) < 3 or any(w is None or w.ndim != 3 for w in weights) or node.attributes.get_int("layout", 0):
+        return False  # computed weights, or the batch-major layout the kernel does not take
+    if inputs[0] is None or inputs[0].dtype not in (None, ir.DataType.FLOAT):
+        return False
+    wspec = spec.weights
+    per_channel = wspec.granularity == "channel"
+    base = node.name or node.outputs[0].name
+    quantized: list[ir.Value] = []
+    for tag, w in zip(("W", "R"), weights, strict=True):
+        directions, rows, cols = w.shape  # type: ignore[union-attr]
+        flat = w.reshape(directions * rows if per_channel else directions, -1).astype(np.float32)  # type: ignore[union-attr]
+        q, scale, zero = qmath.quantize_weight(flat, "int8", True, 0, wspec.reduce_range)
+        q = q.reshape(directions, rows, cols).transpose(0, 2, 1)
+        shape = (directions, rows) if per_channel else (directions,)
+        quantized += [
+            add_initializer(graph, f"{base}_{tag}_quantized", np.ascontiguousarray(q)),
+            add_initializer(graph, f"{base}_{tag}_scale", scale.reshape(shape).astype(np.float32)),
+            add_initializer(graph, f"{base}_{tag}_zero_point", zero.reshape(shape).astype(np.int8)),
+        ]
+    w_q, w_s, w_z, r_q, r_s, r_z = quantized
+    rest = (inputs[3:8] + [None] * 5)[:5]  # B, sequence_lens, initial_h, initial_c, P
+    attributes = {k: v for k, v in node.attributes.items() if k != "layout"}
+    lstm = ir.node(
+        "DynamicQuantizeLSTM",
+        [inputs[0], w_q, r_q, *rest, w_s, w_z, r_s, r_z],
+        attributes=attributes,
+        domain="com.microsoft",
+        num_outputs=len(node.outputs),
+        name=unique_name(graph, f"{base}_quant"),
+    )
+    graph.insert_after(node, lstm)
+    for old, new in zip(node.outputs, lstm.outputs, strict=True):
+        name, was_output = old.name, old.is_graph_output()
+        new.dtype, new.shape = old.dtype, old.shape
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        new.name = name if was_output else unique_name(graph, f"{base}_quant_{name}")
+    graph.remove(node, safe=True)
+    if "com.microsoft" not in graph.opset_imports:
+        graph.opset_imports["com.microsoft"] = 1
+    return True

@@ -47,3 +47,29 @@ def test_int8_dynamic_needs_no_data_fuses_and_beats_onnxruntime_per_channel(tmp_
     theirs = qmath.sqnr_db(ref, run(tmp_path / "ort.onnx", {"x": x})[0])
     assert ours > 30 and ours >= theirs, (ours, theirs)
     assert result.model.graph.outputs[0].name == "y"
+
+
+def test_an_lstm_becomes_dynamic_quantize_lstm_at_a_quarter_of_the_size(tmp_path: Path) -> None:
+    """onnxruntime's DynamicQuantizeLSTM, as its own quantize_dynamic makes it: int8 W and R, run-time x/h."""
+    from builders import stacked_lstm
+    from onnxruntime.quantization import quantize_dynamic
+
+    source = tmp_path / "lstm.onnx"
+    onnx.save(stacked_lstm(layers=2, features=64, hidden=128, classes=16), source)
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((1, 20, 64)).astype(np.float32),
+        "h0": (0.5 * rng.standard_normal((2, 1, 128))).astype(np.float32),
+        "c0": np.zeros((2, 1, 128), np.float32),
+    }
+    np.savez(tmp_path / "eval.npz", **{k: v[None] for k, v in feeds.items()})  # one feed, stacked
+    result = onnxq.run(source, "int8-dynamic", data=str(tmp_path / "eval.npz"), output=tmp_path / "q.onnx")
+    ops = optimized_op_counts(result.output)
+    assert ops["DynamicQuantizeLSTM"] == 2 and ops.get("LSTM", 0) == 0, ops
+    assert result.sizes["output_bytes"] <= 0.3 * result.sizes["input_bytes"]
+    quantize_dynamic(str(source), str(tmp_path / "ort.onnx"))
+    reference = run(source, feeds)
+    ours, theirs = run(result.output, feeds), run(tmp_path / "ort.onnx", feeds)
+    for ref, got, peer in zip(reference, ours, theirs, strict=True):  # y, hn, cn
+        assert qmath.sqnr_db(ref, got) > 30
+        assert qmath.sqnr_db(ref, got) >= qmath.sqnr_db(ref, peer) - 1.0
