@@ -415,9 +415,7 @@ def yolo_box_f1(reference: list[Outputs], quantized: list[Outputs]) -> float:
 
 def vad_agreement(reference: list[Outputs], quantized: list[Outputs]) -> float:
     """Share of chunks with the same speech decision (probability ≥ 0.5)."""
-    return float(
-        np.mean([(_first(r) >= 0.5) == (_first(q) >= 0.5) for r, q in zip(reference, quantized, strict=True)])
-    )
+    return float(np.mean([(_first(r) >= 0.5) == (_first(q) >= 0.5) for r, q in zip(reference, quantized, strict=True)]))
 
 
 # --- the zoo ----------------------------------------------------------------------------------------------

@@ -86,6 +86,12 @@ class ValidateConfig(_Strict):
         "auto", description="rank nodes by the error they add: auto = when a gate fails"
     )
     whatif_top: int = Field(5, ge=0, description="re-validate with this many top culprits kept in float")
+    localize_samples: int = Field(
+        32,
+        ge=1,
+        description="samples the localization and its what-if read (a ranking needs few; each costs a run "
+        "of both models with every tensor exposed)",
+    )
     latency: bool = Field(True, description="measure float vs quantized latency on each provider")
     threads: int = Field(1, ge=0, description="threads for the latency measurement (0: onnxruntime's default)")
     gates: Gates = Gates()

@@ -8,6 +8,7 @@ output atomically, and validates it against the untouched input.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -434,6 +435,9 @@ def diagnose(  # type: ignore[no-untyped-def]
     found["realization"] = [loc.realization(quant_path, v.provider).to_json() for v in judged]
     if cfg.localize == "never" or (cfg.localize == "auto" and all(v.passed for v in judged)):
         return found
+    if isinstance(reader, DataSource):  # a ranking needs few samples; each costs two fully exposed runs
+        limit = min(cfg.localize_samples, reader.num_samples or cfg.localize_samples)
+        reader = dataclasses.replace(reader, num_samples=limit)
     source = reference if reference is not None else float_model
     reference_proto = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
     # the pre-lowering snapshot keeps external weights by reference, relative to the input model's folder
@@ -461,7 +465,11 @@ def diagnose(  # type: ignore[no-untyped-def]
             slice_axis=cfg.slice_axis,
             show_progress=show_progress,
         )
-        before, after_db = _worst_slice(judged[0]), _worst_slice(after)
+        (before_run,) = validate_models(  # the same samples as the what-if, so the two numbers compare
+            float_model, quant_path, reader, specs, batch_size=cfg.batch_size, gates=cfg.gates,
+            slice_axis=cfg.slice_axis,
+        )  # fmt: skip
+        before, after_db = _worst_slice(before_run), _worst_slice(after)
         located.whatif = {
             "kept_float": [n for n in culprits if n not in unchanged],
             "metric": "worst output slice SQNR (dB)",
