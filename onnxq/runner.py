@@ -175,13 +175,17 @@ def run(
     validate: bool | None = None,
     stats: str | Path | None = None,
     show_progress: bool = False,
+    search: dict[str, Any] | None = None,
 ) -> Result:
     """Quantize `model` with `recipe`. A path input is never written; the output defaults to
     `<input>.q.onnx` beside it (an in-memory model needs `output`), with its calibration statistics in
     `<output>.calib.json` (reused by the next run on the same model, settings and data); `stats` names that
     file explicitly. Every input is checked before any work; the model, its report and its statistics are
     written together at the end, or not at all. Raises GateFailure (after writing) when validation gates
-    fail."""
+    fail. `search`: what a search above recipes found ({"notes": [...], "artifacts": {...}}), carried into the
+    result and its report."""
+    if isinstance(recipe, str) and recipe == "auto":
+        return _auto(model, output, calib, data, overrides or [], dry_run, validate, show_progress)
     resolved = load_recipe(recipe, overrides)
     source_path = None if isinstance(model, ir.Model) else Path(model)
     working = model if isinstance(model, ir.Model) else onnxq_ir.load(model)
@@ -197,6 +201,9 @@ def run(
     _check_first_batch(evaluation)
     if context.calibration_data is not None or evaluation is not None:
         check_loads(float_reference, working)
+    if search:
+        context.notes.extend(search.get("notes", []))
+        context.artifacts.update(search.get("artifacts", {}))
     result = Result(working, None, resolved, notes=context.notes, artifacts=context.artifacts)
     quantized_before = _quantized_ops(working)
     pre_lowering: bytes | None = None  # the float graph the quantized one was lowered from (localization)
@@ -251,6 +258,38 @@ def run(
         failure.result = result
         raise failure
     return result
+
+
+def _auto(  # type: ignore[no-untyped-def]
+    model, output, calib: str | None, data: str | None, overrides: list[str], dry_run: bool, validate, show_progress
+) -> Result:
+    """`recipe='auto'`: the search above recipes (onnxq/auto.py), checked like any run before it starts."""
+    from onnxq import auto
+
+    if isinstance(model, ir.Model):
+        raise UsageError("auto quantizes a model file", "save the model and pass its path")
+    if dry_run:
+        raise UsageError("auto has no dry run: its plan is what the candidates measure", "drop --dry-run")
+    if calib is None:
+        raise UsageError(
+            "auto needs calibration data (a quarter is held out to score the candidates)", "pass --calib DATA"
+        )
+    source = Path(model)
+    onnxq_ir.load(source)  # a bad model is a one-line error before any candidate runs
+    out = _output_path(source, output, False)
+    assert out is not None
+    check_output_path(out, source)
+    metric = next((o.split("=", 1)[1] for o in overrides if o.startswith("validate.metric=")), None)
+    return auto.run(
+        source,
+        output=out,
+        calib=calib,
+        data=data,
+        overrides=overrides,
+        validate=validate,
+        show_progress=show_progress,
+        metric=metric,
+    )
 
 
 def _nothing_quantized(model: ir.Model, recipe: str) -> str:

@@ -7,10 +7,12 @@ from importlib import resources
 
 
 def descriptions() -> dict[str, str]:
-    """Each built-in recipe's one-line `description:`, read without a YAML parser (the CLI's --help uses it)."""
+    """Each built-in recipe's one-line `description:`, read without a YAML parser (the CLI's --help uses it);
+    `auto` is the search above the recipes (onnxq/auto.py), not a YAML file."""
     found = {}
     for entry in sorted(resources.files(__name__).iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
             match = re.search(r"^description:\s*(.+)$", entry.read_text(encoding="utf-8"), re.MULTILINE)
             found[entry.name[:-5]] = match.group(1).strip() if match else ""
-    return found
+    found["auto"] = "search: int8 with each calibration method, then mixed; keeps the fastest that meets the gates"
+    return dict(sorted(found.items()))
