@@ -342,7 +342,8 @@ def check_loads(model: bytes | Path, loaded: ir.Model) -> None:
     from onnxq.ort_session import session
 
     try:
-        session(model, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, external_data_dir=_data_dir(loaded))
+        folder = onnxq_ir.external_data_dir(loaded)
+        session(model, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, external_data_dir=folder)
     except MissingKernel:
         return
     except Exception as exc:
@@ -352,10 +353,6 @@ def check_loads(model: bytes | Path, loaded: ir.Model) -> None:
             f"onnxruntime cannot load the float model: {reason[:300]}",
             "fix the model (re-export it, or check it with onnx.checker) before quantizing",
         ) from None
-
-
-def _data_dir(model: ir.Model) -> str | None:
-    return onnxq_ir.external_data_dir(model)
 
 
 QUANTIZED_OPS = frozenset(

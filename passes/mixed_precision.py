@@ -506,11 +506,20 @@ class MixedPrecision(Pass):
         assert target is not None
         probes: dict[int, float] = {}
         evaluator = self._probe()
+        # A mix must never lose to the uniform int8 plan it refines: where int8 everywhere meets the target,
+        # the target becomes what int8 reaches (magika: a 20 dB mix flipped 1 of 16 held-out files that int8
+        # kept), and int8 itself is the answer when no cheaper mix measures as well.
+        groups = list(front[0].choice) if front else []
+        uniform = {g: "int8" for g in groups} if all("int8" in candidates[int(g)] for g in groups) else None
+        floor = target.min
+        if uniform:
+            reached = evaluator.one({int(g): candidates[int(g)]["int8"] for g in groups}).value(target.metric)
+            floor = max(floor, reached) if reached >= target.min else floor
 
         def meets(index: int) -> bool:
             changes = {int(g): candidates[int(g)][c] for g, c in front[index].choice.items()}
             probes[index] = evaluator.one(changes).value(target.metric)
-            return probes[index] >= target.min
+            return probes[index] >= floor
 
         lo, hi = 0, len(front) - 1
         if meets(lo):
@@ -526,6 +535,19 @@ class MixedPrecision(Pass):
                     lo = mid
         notes = []
         unit = " dB" if target.metric == "sqnr" else ""
+        if hi < 0 and uniform and floor > target.min:
+            notes.append(
+                f"mixed_precision: no mix on the front measured as well as int8 everywhere ({floor:.4g}{unit}); "
+                "kept int8 everywhere"
+            )
+            return uniform, {
+                "front": front_json,
+                "probes": [],
+                "chosen": {"uniform": "int8", "score": floor},
+                "notes": notes,
+            }
+        if floor > target.min:
+            notes.append(f"mixed_precision: target raised to int8's own {floor:.4g}{unit} (a mix must not lose to it)")
         if hi < 0:
             hi = max(probes, key=lambda k: (probes[k], -k))
             notes.append(
