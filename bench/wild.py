@@ -92,6 +92,7 @@ def measure(name: str, n: int, ort_configs: list[str], floor: float | None, time
     candidates = {
         "onnxq int8": ("onnxq", "int8"),
         "onnxq int8 unvalidated": ("onnxq", "int8:unvalidated"),
+        "onnxq mixed": ("onnxq", "mixed"),
         "onnxq auto": ("onnxq", "auto"),
     } | {f"ort {c}": ("ort", c) for c in ort_configs}
     for label, (tool, config) in candidates.items():
@@ -158,7 +159,7 @@ def report(results: list[dict[str, Any]]) -> None:
                 f"| {row['seconds']:.1f} | {row['size']:.2f} | {gates} |"
             )
     print(
-        "\nAgainst onnxruntime's best configuration: metric difference and speedup ratio of onnxq int8 and auto; "
+        "\nAgainst onnxruntime's best configuration: metric difference and speedup ratio of onnxq int8, mixed, auto; "
         "quantize time ratio of int8 with and without validation:"
     )
     for res in results:
@@ -166,7 +167,7 @@ def report(results: list[dict[str, Any]]) -> None:
         if "metric" not in best:
             continue
         parts = [f"  {res['name']:20s}"]
-        for label in ("onnxq int8", "onnxq auto"):
+        for label in ("onnxq int8", "onnxq mixed", "onnxq auto"):
             if "metric" in rows.get(label, {}):
                 row = rows[label]
                 parts.append(

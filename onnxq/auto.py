@@ -163,6 +163,7 @@ def _search(  # type: ignore[no-untyped-def]
     from onnxq import runner
     from onnxq.errors import OnnxqError
     from onnxq.ir import file_bytes
+    from onnxq.recipe import load_recipe
 
     deadline = time.monotonic() + 60 * settings.max_minutes
     tried: list[Tried] = []
@@ -181,19 +182,18 @@ def _search(  # type: ignore[no-untyped-def]
             tried.append(Tried(rung.label, -np.inf, False, 0.0, time.perf_counter() - started, 0.0, str(exc)[:120]))
             continue
         seconds = time.perf_counter() - started
-        score, meets, speedup, detail = _score(model, path, held_out, settings, metric)
+        gates = load_recipe(rung.recipe, rest).validate_.gates  # what `run` with that recipe would judge by
+        score, meets, speedup, detail = _score(model, path, held_out, settings, metric, gates)
         tried.append(Tried(rung.label, score, meets, speedup, seconds, file_bytes(path) / file_bytes(model), detail))
     return tried
 
 
-def _score(model: Path, candidate: Path, data, settings: Settings, metric) -> tuple[float, bool, float, str]:  # type: ignore[no-untyped-def]
+def _score(model: Path, candidate: Path, data, settings: Settings, metric, gates) -> tuple[float, bool, float, str]:  # type: ignore[no-untyped-def]
     """(score, meets the target, 1-thread speedup, what the score is) on the held-out feeds (`data`)."""
     from onnxq.calibration.readers import rebatch
-    from onnxq.recipe import Gates
     from onnxq.validate import latency, validate_models
 
     specs = list(data.specs)
-    gates = Gates()  # the default gates: what `run` would judge the result by
     (result,) = validate_models(model, candidate, data, specs, gates=gates, metric=metric)
     first = next(iter(rebatch(data(), specs, 1)))
     speedup = latency(model, candidate, {s.name: first[s.name] for s in specs}, budget_s=0.3)["speedup"]
