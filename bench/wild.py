@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per quantizer run")
     args = ap.parse_args(argv)
     names = list(wild.WILD) if args.models == "all" else args.models.split(",")
+    unknown = [n for n in names if n not in wild.WILD] + [c for c in args.ort.split(",") if c not in ORT_CONFIGS]
+    if unknown:
+        ap.error(f"unknown model or configuration '{unknown[0]}' (models: {', '.join(wild.WILD)})")
     results = []
     for name in names:
         print(f"== {name}", flush=True)

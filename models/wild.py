@@ -572,6 +572,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("quantized", type=Path)
     e.add_argument("--n", type=int, default=32)
     args = ap.parse_args(argv)
+    wanted = [n for n in (getattr(args, "names", None) or [getattr(args, "name", None)]) if n and n != "all"]
+    unknown = [n for n in wanted if n not in WILD]
+    if unknown:
+        print(f"error: unknown wild model '{unknown[0]}'; choose from {', '.join(WILD)}", file=sys.stderr)
+        return 2
     if args.cmd == "list":
         for m in WILD.values():
             print(f"{m.name:20s} {m.source.package}=={m.source.version:8s} {m.metric_name:24s} {m.kind}")

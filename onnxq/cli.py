@@ -68,6 +68,20 @@ def interrupted_line() -> str:
     return "interrupted after writing " + ", ".join(str(p) for p in written)
 
 
+HEAVY_COMMANDS = frozenset({"run", "validate", "inspect"})
+
+
+def _load_heavy_modules() -> None:
+    """Import onnx, onnx-ir, numpy and onnxruntime with Ctrl-C deferred: an interrupt inside a C extension's
+    module init could crash the interpreter (seen: SIGSEGV) instead of printing one line."""
+    from onnxq.outputs import deferred_interrupts
+
+    with deferred_interrupts():
+        import onnxruntime  # noqa: F401
+
+        import onnxq.runner  # noqa: F401
+
+
 def _guard(fn):  # type: ignore[no-untyped-def]
     """Turn known errors into one line and an exit code; unexpected ones into one line plus a hint."""
     import functools
@@ -75,6 +89,8 @@ def _guard(fn):  # type: ignore[no-untyped-def]
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if fn.__name__ in HEAVY_COMMANDS:
+                _load_heavy_modules()
             return fn(*args, **kwargs)
         except OnnxqError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -578,11 +594,15 @@ def recipe_schema() -> dict[str, Any]:
 
 def main() -> None:
     """The console script: Ctrl-C at any moment, imports included, is one line and exit 130."""
+    import signal
+
     try:
         app(prog_name="onnxq")  # also under `python -m onnxq`
     except KeyboardInterrupt:
         err.print(interrupted_line(), highlight=False, soft_wrap=True)
         sys.exit(130)
+    finally:  # the command has said what it did: a Ctrl-C during the interpreter's exit changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class Staging:
         """Move every staged file into place, `main` (the model) last; returns the final paths."""
         staged = sorted(self.dir.iterdir(), key=lambda p: (p.name == main.name, p.name))
         finals = [self.folder / p.name for p in staged]
-        with _no_interrupts():
+        with deferred_interrupts():
             before_replace({p.resolve() for p in finals})
             for old in self.stale:
                 if old not in finals:
@@ -107,8 +107,9 @@ def staged(folder: Path) -> Iterator[Staging]:
 
 
 @contextmanager
-def _no_interrupts() -> Iterator[None]:
-    """Ctrl-C waits until the renames are done, so the files land together (main thread only)."""
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C waits until the block is done, then raises KeyboardInterrupt (main thread only): the renames of
+    a commit land together, and a C extension's module init is never interrupted (that can crash Python)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

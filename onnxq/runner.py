@@ -197,8 +197,10 @@ def run(
     context = make_context(working, resolved, calib, show_progress, stats_path, explicit_stats=stats is not None)
     do_validate = not dry_run and (resolved.validate_.enabled if validate is None else validate)
     evaluation = _evaluation_data(resolved, working, data or calib) if do_validate else None
-    _check_first_batch(context.calibration_data)
-    _check_first_batch(evaluation)
+    calibration = context.calibration_data
+    _check_first_batch(calibration)
+    if evaluation is not None and (calibration is None or evaluation.source != calibration.source):
+        _check_first_batch(evaluation)  # when it is the calibration data, that was just read
     if context.calibration_data is not None or evaluation is not None:
         check_loads(float_reference, working)
     if search:
