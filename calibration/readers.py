@@ -257,19 +257,11 @@ def conform(
     if spec.shape and array.ndim == len(spec.shape) - 1:
         array = np.expand_dims(array, spec.batch_axis)
     if spec.shape and array.ndim != len(spec.shape):
-        raise UsageError(
-            f"input '{spec.name}' in '{path.name}' has rank {len(given)} (shape {list(given)}), the model expects "
-            f"rank {len(spec.shape)} (shape {_shape_text(spec.shape)})",
-            "save one feed per input in the model's layout, or stack feeds on a new axis 0",
-        )
+        raise _wrong_rank(spec, path, given)
     for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=False)):
         if want is not None and got != want and (whole or axis != spec.batch_axis):
             if len(given) != len(spec.shape):  # a sample axis added or taken off: the rank is what is wrong
-                raise UsageError(
-                    f"input '{spec.name}' in '{path.name}' has rank {len(given)} (shape {list(given)}), the model "
-                    f"expects rank {len(spec.shape)} (shape {_shape_text(spec.shape)})",
-                    "save one feed per input in the model's layout, or stack feeds on a new axis 0",
-                )
+                raise _wrong_rank(spec, path, given)
             raise UsageError(
                 f"input '{spec.name}' in '{path.name}' has size {got} on axis {axis}, the model "
                 f"expects {want} (shape {_shape_text(spec.shape)})",
@@ -294,6 +286,14 @@ def conform(
             f"save it as {spec.dtype}",
         )
     return array.astype(spec.dtype, copy=False)
+
+
+def _wrong_rank(spec: InputSpec, path: Path, given: tuple[int, ...]) -> UsageError:
+    return UsageError(
+        f"input '{spec.name}' in '{path.name}' has rank {len(given)} (shape {list(given)}), the model expects "
+        f"rank {len(spec.shape)} (shape {_shape_text(spec.shape)})",
+        "save one feed per input in the model's layout, or stack feeds on a new axis 0",
+    )
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

