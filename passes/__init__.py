@@ -1,5 +1,6 @@
 """Built-in passes; each is an onnx-ir InPlacePass usable alone or in a user's PassManager."""
 
+from .adaround import AdaRound
 from .assign_precision import AssignPrecision
 from .cleanup import Cleanup
 from .fold_batchnorm import FoldBatchNorm
@@ -16,6 +17,7 @@ from .upcast_fp16 import UpcastFP16
 from .upgrade_opset import UpgradeOpset
 
 __all__ = [
+    "AdaRound",
     "AssignPrecision",
     "Cleanup",
     "FoldBatchNorm",
