@@ -213,6 +213,30 @@ def _kl(counts: np.ndarray, i: int, levels: int) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
 
+@dataclass
+class CandidatesCollector(HistogramCollector):
+    """Every method's range from one histogram per tensor, {method: range}: what a per-tensor range search
+    chooses among. Tensors in `exact` get min-max only."""
+
+    percentile: float = 99.99
+    dtype: str = "uint8"
+    symmetric: bool = False
+
+    def result(self, exact: frozenset[str] = frozenset()) -> dict[str, dict[str, TensorRange]]:  # type: ignore[override]
+        methods = {
+            "percentile": PercentileCollector(percentile=self.percentile),
+            "mse": MSECollector(dtype=self.dtype, symmetric=self.symmetric),
+            "entropy": EntropyCollector(),
+        }
+        found = {}
+        for name, hist in self.hists.items():
+            ranges = {"minmax": TensorRange(hist.min, hist.max)}
+            if name not in exact:
+                ranges.update({method: c.range_of(hist) for method, c in methods.items()})
+            found[name] = ranges
+        return found
+
+
 COLLECTORS: dict[str, type] = {
     "minmax": MinMaxCollector,
     "percentile": PercentileCollector,
@@ -220,4 +244,5 @@ COLLECTORS: dict[str, type] = {
     "mse": MSECollector,
     "channel_absmax": ChannelAbsMaxCollector,
     "gram": GramCollector,
+    "candidates": CandidatesCollector,
 }

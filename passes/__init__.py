@@ -2,7 +2,9 @@
 
 from .adaround import AdaRound
 from .assign_precision import AssignPrecision
+from .bias_correction import BiasCorrection
 from .cleanup import Cleanup
+from .equalize import Equalize
 from .fold_batchnorm import FoldBatchNorm
 from .fold_qat import FoldQAT
 from .insert_qdq import InsertQDQ
@@ -11,6 +13,7 @@ from .matmul_nbits import FromMatMulNBits, ToMatMulNBits
 from .mixed_precision import MixedPrecision
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_weights import QuantizeWeights
+from .search_ranges import SearchRanges
 from .simplify import Simplify
 from .smooth_quant import SmoothQuant
 from .upcast_fp16 import UpcastFP16
@@ -19,7 +22,9 @@ from .upgrade_opset import UpgradeOpset
 __all__ = [
     "AdaRound",
     "AssignPrecision",
+    "BiasCorrection",
     "Cleanup",
+    "Equalize",
     "FoldBatchNorm",
     "FoldQAT",
     "FromMatMulNBits",
@@ -28,6 +33,7 @@ __all__ = [
     "MixedPrecision",
     "QuantizeDynamic",
     "QuantizeWeights",
+    "SearchRanges",
     "Simplify",
     "SmoothQuant",
     "ToMatMulNBits",

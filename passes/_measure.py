@@ -173,59 +173,56 @@ def layer_grams(
     return [s / max(c, 1) if s is not None else np.zeros((1, 1, 1)) for s, c in zip(sums, counts, strict=True)]
 
 
-def _reduce_axes(rank: int, axis: int) -> list[int]:
-    return [a for a in range(rank) if a != axis % rank]
+@dataclass(frozen=True)
+class Reduction:
+    """A per-channel reduction over the data: of tensor `name`, or (with `weight`) of `layer`'s op applied to
+    the layer's input with that weight and no bias. `axis` is the channel axis (1 for NCHW, -1 for [..., N])."""
+
+    name: str
+    how: str  # "min" | "mean"
+    weight: np.ndarray | None = None
+    layer: Layer | None = None
+    axis: int = 1
 
 
 def reduce_per_channel(
-    model: ir.Model,
-    context: PassContext,
-    requests: list[tuple[str, str, np.ndarray | None, Layer | None]],
-    samples: int | None = None,
+    model: ir.Model, context: PassContext, requests: list[Reduction], samples: int | None = None
 ) -> list[np.ndarray]:
-    """For each request (tensor name, "min" | "mean", weight or None, layer or None), a per-channel reduction
-    over the data: of the tensor itself (channel axis 1 for rank ≥ 3, else the last), or, with a weight, of
-    the layer's op applied to the layer's input with that weight and no bias (its output's channels)."""
+    """Each request's per-channel min or mean over the calibration data (one onnxruntime pass for all)."""
 
     def build(proto: onnx.ModelProto) -> list[str]:
         names = []
-        for index, (name, _how, weight, layer) in enumerate(requests):
-            source = name
-            if weight is not None and layer is not None:
+        for index, request in enumerate(requests):
+            source = request.name
+            if request.weight is not None and request.layer is not None:
+                layer, node = request.layer, request.layer.node
                 source = f"{PREFIX}applied_{index}"
-                proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, f"{source}_w"))
-                node = layer.node
+                proto.graph.initializer.append(onnx.numpy_helper.from_array(request.weight, f"{source}_w"))
                 attrs: dict[str, object] = {}
                 if layer.op == "Conv":
-                    attrs = {"group": layer.groups, "kernel_shape": list(weight.shape[2:]), **_conv_attributes(node)}
-                    op = "Conv"
+                    kernel = list(request.weight.shape[2:])
+                    attrs = {"group": layer.groups, "kernel_shape": kernel, **_conv_attributes(node)}
                 elif layer.op == "Gemm":
                     attrs = {"transB": node.attributes.get_int("transB", 0)}
-                    op = "Gemm"
-                else:
-                    op = "MatMul"
-                proto.graph.node.append(
-                    onnx.helper.make_node(op, [node.inputs[0].name, f"{source}_w"], [source], name=source, **attrs)
-                )
+                inputs = [node.inputs[0].name, f"{source}_w"]
+                proto.graph.node.append(onnx.helper.make_node(layer.op, inputs, [source], name=source, **attrs))
             names.append(source)
         return names
 
     found: list[np.ndarray | None] = [None] * len(requests)
     counts = [0] * len(requests)
     for outputs in _run(model, context, build, samples, "per-channel statistics"):
-        for index, ((_, how, _, _), x) in enumerate(zip(requests, outputs, strict=True)):
+        for index, (request, x) in enumerate(zip(requests, outputs, strict=True)):
             x = np.asarray(x, np.float64)
-            axis = 1 if x.ndim >= 3 else -1
-            axes = tuple(_reduce_axes(x.ndim, axis))
-            if how == "min":
+            axes = tuple(a for a in range(x.ndim) if a != request.axis % x.ndim)
+            if request.how == "min":
                 value = x.min(axis=axes)
                 found[index] = value if found[index] is None else np.minimum(found[index], value)
-                counts[index] = 1
             else:
                 value = x.sum(axis=axes)
                 found[index] = value if found[index] is None else found[index] + value
                 counts[index] += int(np.prod([x.shape[a] for a in axes]))
     return [
-        (f / max(c, 1) if how == "mean" else f) if f is not None else np.zeros(0)
-        for f, c, (_, how, _, _) in zip(found, counts, requests, strict=True)
+        (f / max(c, 1) if r.how == "mean" else f) if f is not None else np.zeros(0)
+        for f, c, r in zip(found, counts, requests, strict=True)
     ]
