@@ -52,6 +52,9 @@ class AdaRoundConfig(PassConfig):
         None, ge=1, description="calibration samples for H = E[x xᵀ] (default: the recipe's num_samples)"
     )
     rows_per_sample: int = Field(2048, ge=16, description="input rows (Conv patches) used per sample for H")
+    max_rank: int = Field(
+        256, ge=8, description="above this input size K, iterate on H's top eigenvectors (cost m·K·r, not m·K²)"
+    )
     op_types: list[str] = Field(default_factory=lambda: ["Conv", "MatMul", "Gemm"], description="ops to round")
 
 
@@ -134,6 +137,7 @@ class AdaRound(Pass):
             learning_rate=self.config.learning_rate,
             regularization=self.config.regularization,
             warmup=self.config.warmup,
+            factor=low_rank(gram, self.config.max_rank) if gram.shape[-1] > 2 * self.config.max_rank else None,
         )
         if ratio >= 1.0:
             return ratio
@@ -149,6 +153,27 @@ def output_error(delta: np.ndarray, gram: np.ndarray) -> float:
     return float(np.einsum("gmk,gmk->", np.matmul(delta, gram), delta, dtype=np.float64))
 
 
+def low_rank(gram: np.ndarray, rank: int) -> np.ndarray:
+    """F [g, K, r] with F Fᵀ ≈ H from H's top eigenvectors: ΔH becomes (ΔF)Fᵀ, 2·m·K·r per step instead of
+    m·K². Input second moments of real layers are dominated by few directions (what is dropped is reported
+    by the final check against round-to-nearest on the full H)."""
+    values, vectors = np.linalg.eigh(gram.astype(np.float64))
+    values, vectors = values[:, ::-1][:, :rank], vectors[:, :, ::-1][:, :, :rank]
+    return (vectors * np.sqrt(np.maximum(values, 0.0))[:, None, :]).astype(np.float32)
+
+
+class _Quadratic:
+    """δ ↦ δH for a full H [g, K, K] or a factor F [g, K, r] (δH ≈ (δF)Fᵀ)."""
+
+    def __init__(self, gram: np.ndarray, factor: np.ndarray | None = None) -> None:
+        self.gram, self.factor = gram, factor
+
+    def apply(self, delta: np.ndarray) -> np.ndarray:
+        if self.factor is not None:
+            return np.matmul(np.matmul(delta, self.factor), self.factor.transpose(0, 2, 1))
+        return np.matmul(delta, self.gram)
+
+
 def learn_rounding(
     w: np.ndarray,
     s: np.ndarray,
@@ -161,9 +186,12 @@ def learn_rounding(
     learning_rate: float = 0.05,
     regularization: float = 10.0,
     warmup: float = 0.2,
+    factor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """AdaRound on one layer: weights w [g, m, K] with scales/zero points s, z [g, m, 1] and H [g, K, K].
-    Returns the integer codes (as float) and their output error relative to round-to-nearest's (< 1: better)."""
+    Returns the integer codes (as float) and their output error relative to round-to-nearest's (< 1: better).
+    With `factor` (F Fᵀ ≈ H, see low_rank) the iterations use F; the result is still judged on the full H."""
+    quadratic = _Quadratic(gram, factor)
     x = w / s
     floor = np.floor(x)
     rtn = np.clip(np.rint(x) + z, qmin, qmax)
@@ -186,7 +214,7 @@ def learn_rounding(
         soft = floor + z + h
         inside = (soft >= qmin) & (soft <= qmax)
         delta = s * (np.clip(soft, qmin, qmax) - z) - w
-        grad_h = 2.0 * np.matmul(delta, gram) * s * inside / reference
+        grad_h = 2.0 * quadratic.apply(delta) * s * inside / reference
         if step >= start and regularization > 0:
             beta = 20.0 + (2.0 - 20.0) * (step - start) / max(iterations - start - 1, 1)
             a = 2.0 * h - 1.0

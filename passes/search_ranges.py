@@ -137,7 +137,14 @@ class SearchRanges(Pass):
             f"({', '.join(f'{n} {m}' for m, n in counts.items()) or 'none'}); output error {first:.3g} → {current:.3g}"
             + ("" if time.perf_counter() <= deadline else f" (time box of {self.config.max_minutes} min reached)")
         )
-        self.context.artifacts["search_ranges"] = {"groups": reached, "chosen": chosen, "loss": [first, current]}
+        scales = {key: float(np.asarray(judge.values[key]).reshape(-1)[0]) for key in chosen}
+        self.context.artifacts["search_ranges"] = {
+            "groups": reached,
+            "start": start,
+            "chosen": chosen,
+            "scales": scales,
+            "loss": [first, current],
+        }
         return ir.passes.PassResult(model, modified=False)  # the graph is unchanged; its ranges were chosen
 
 
