@@ -9,7 +9,8 @@ rec did best with percentile ranges (0.875 against 0.75); only mixed precision k
 The ladder and the score are data: a rung is a recipe and overrides; the score is the task metric when one
 is given (`validate.metric`), else the validation's own gates (worst output SQNR and worst judged slice).
 Candidates that cannot be faster than one already meeting the target (mixed, after an int8 that meets it)
-are skipped; `max_minutes` bounds the search.
+and those that only cost more time for accuracy (int8-tuned: bias correction and a range search by output
+error) are skipped once a rung meets it; `max_minutes` bounds the search.
 
     onnxq run model.onnx --recipe auto --calib calib.npz [--set auto.max_minutes=10 --set auto.target=0.99]
 """
@@ -34,6 +35,7 @@ class Rung:
     recipe: str
     overrides: tuple[str, ...] = ()
     may_be_slower: bool = False  # keeps more in float: only worth trying when no faster rung met the target
+    costly: bool = False  # as fast, but minutes more to quantize: only worth it when no cheaper rung met it
 
 
 LADDER: tuple[Rung, ...] = (
@@ -41,6 +43,7 @@ LADDER: tuple[Rung, ...] = (
     Rung("int8 percentile", "int8", ("calibration.method=percentile",)),
     Rung("int8 mse", "int8", ("calibration.method=mse",)),
     Rung("int8 entropy", "int8", ("calibration.method=entropy",)),
+    Rung("int8 tuned", "int8-tuned", costly=True),  # bias correction + per-tensor range search (the toolbox)
     Rung("mixed int8/fp32", "mixed", (), may_be_slower=True),
 )
 
@@ -170,7 +173,7 @@ def _search(  # type: ignore[no-untyped-def]
     for index, rung in enumerate(LADDER):
         if tried and time.monotonic() > deadline:
             break
-        if rung.may_be_slower and any(t.meets for t in tried):
+        if (rung.may_be_slower or rung.costly) and any(t.meets for t in tried):
             continue
         path = work / f"candidate{index}.onnx"
         started = time.perf_counter()

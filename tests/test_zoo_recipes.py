@@ -30,6 +30,7 @@ FAST = {
         "passes.mixed_precision.samples=2",
         "passes.mixed_precision.target_samples=4",
     ],
+    "int8-tuned": ["passes.search_ranges.samples=2"],
 }
 
 
