@@ -38,6 +38,7 @@ from ._graph import add_initializer, forget_names
 from ._measure import Layer, layer_grams, layer_of
 
 ROUNDED_KEY = "onnxq.rounded"  # node meta: the weight is already on its quantization grid (and how)
+FLOAT_WEIGHT_KEY = "onnxq.float_weight"  # node meta: the float weight before rounding (bias_correction reads it)
 ZETA, GAMMA = 1.1, -0.1
 
 
@@ -145,6 +146,7 @@ class AdaRound(Pass):
         base = layer.node.name or layer.node.outputs[0].name
         layer.node.replace_input_with(1, add_initializer(graph, f"{base}.weight_adaround", rounded))
         layer.node.meta[ROUNDED_KEY] = "adaround"
+        layer.node.meta[FLOAT_WEIGHT_KEY] = weight
         return ratio
 
 

@@ -11,7 +11,8 @@ float input, the shift per channel is
 and the bias becomes b − δ, so that E[W_q·x + b − δ] = E[W·x + b]. The weights' quantization is computed
 exactly as the lowering will (same spec, same scale): insert_qdq then rounds W to that W_q. A Conv or Gemm
 without a bias gets one; a MatMul is corrected through the constant Add that follows it, else left alone.
-Weights already on their grid (adaround) are left to that pass: it minimized their whole output error.
+A weight adaround rounded already is on its grid: its shift is measured against the float weight that pass
+kept (node meta), since AdaRound's objective is judged on float inputs and leaves some mean error.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from onnxq.qspec import get_qspec
 
 from ._graph import add_initializer, constant_array, forget_names, only_reader
 from ._measure import Layer, Reduction, layer_of, reduce_per_channel
-from .adaround import ROUNDED_KEY
+from .adaround import FLOAT_WEIGHT_KEY
 
 
 class BiasCorrectionConfig(PassConfig):
@@ -52,8 +53,10 @@ class BiasCorrection(Pass):
             layer = layer_of(node)
             if w.is_float or w.granularity == "block" or layer is None or not _has_bias_slot(layer):
                 continue
-            if node.meta.get(ROUNDED_KEY):
+            original = node.meta.get(FLOAT_WEIGHT_KEY)
+            if original is not None:  # rounded already (adaround): what is left is the rest of its mean shift
                 learned += 1
+                targets.append((layer, layer.weight - original))
                 continue
             axis = None if w.granularity == "tensor" else layer.row_axis
             q, scale, zero = qmath.quantize_weight(layer.weight, w.dtype, w.symmetric, axis, w.reduce_range)
@@ -74,7 +77,7 @@ class BiasCorrection(Pass):
         self.context.notes.append(
             f"bias_correction: {len(targets)} layers' output means corrected (median shift "
             f"{np.median(relative):.2g} of the output's mean |bias|)"
-            + (f"; {learned} rounded by adaround left alone" if learned else "")
+            + (f", {learned} of them rounded by adaround" if learned else "")
         )
         return ir.passes.PassResult(model, modified=True)
 
