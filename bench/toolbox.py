@@ -75,6 +75,8 @@ TABLES: dict[int, dict[str, Any]] = {
             "per-channel minmax": {"per_channel": True},
             "per-channel percentile": {"per_channel": True, "calibrate_method": "Percentile"},
             "per-channel entropy": {"per_channel": True, "calibrate_method": "Entropy"},
+            "per-tensor minmax (default)": {},
+            "per-tensor percentile": {"calibrate_method": "Percentile"},
         },
     },
 }

@@ -58,7 +58,7 @@ class _Accumulator:
                 self.slice_signal += signal
                 self.slice_noise += noise
                 self.slice_peak = np.maximum(self.slice_peak, peak)  # type: ignore[arg-type]
-            self.distribution = self.distribution and _is_distribution(r, self.slice_axis)
+            self.distribution = self.distribution and is_distribution(r, self.slice_axis)
         self.signal += float(np.sum(r * r))
         self.noise += float(np.sum(diff * diff))
         self.dot += float(np.sum(r * t))
@@ -72,7 +72,7 @@ class _Accumulator:
             self.agree += int(np.sum(np.argmax(r, axis=-1) == np.argmax(t, axis=-1)))
 
 
-def _is_distribution(r: np.ndarray, axis: int) -> bool:
+def is_distribution(r: np.ndarray, axis: int) -> bool:
     """Values in [0, 1] that sum to 1 along `axis` (a softmax over classes)."""
     if r.size == 0 or r.shape[axis] < 2 or r.min() < 0 or r.max() > 1:
         return False

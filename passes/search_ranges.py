@@ -10,7 +10,8 @@ tail is the signal). Which tensor is which shows only in the model's outputs. So
    calibration/collectors.py); a group's candidate is the union of its members' ranges, as insert_qdq does;
 3. walks the groups in graph order and, for each, keeps the candidate with the least output error
 
-       L = mean over outputs of Σ(y − ŷ)² / Σy²   (the float model's outputs y, the copy's ŷ)
+       L = mean over outputs and their slices along axis 1 of Σ(y − ŷ)² / Σy²
+                                                  (the float model's outputs y, the copy's ŷ)
 
    on `samples` calibration samples, all other groups at their current choice (coordinate descent: one
    onnxruntime session, only the scale inputs change between runs);
@@ -34,6 +35,7 @@ from onnxq import qmath
 from onnxq.pass_base import ACTIVATION_STATS, Pass, PassConfig, TensorRange
 from onnxq.progress import progress
 from onnxq.qspec import ANNOTATED_KEY, get_qspec, set_qspec
+from onnxq.validate import MIN_JUDGED_PROBABILITY, SLICE_ENERGY_FLOOR, is_distribution
 
 
 class SearchRangesConfig(PassConfig):
@@ -253,6 +255,10 @@ class _Judge:
         self.outputs = [o.name for o in reference.get_outputs()]
         self.feeds = [{k: v for k, v in f.items() if k in self.inputs} for f in feeds]
         self.reference = [reference.run(self.outputs, f) for f in self.feeds]
+        self.distribution = [
+            all(np.asarray(r[i]).ndim >= 2 and is_distribution(np.asarray(r[i]), 1) for r in self.reference)
+            for i in range(len(self.outputs))
+        ]
 
     def set(self, key: str, params: tuple[np.ndarray, np.ndarray]) -> None:
         self.values[key], self.values[self.groups[key].zero] = params
@@ -261,15 +267,42 @@ class _Judge:
         values = dict(self.values)
         for key, (scale, zero) in (trial or {}).items():
             values[key], values[self.groups[key].zero] = scale, zero
-        noise = np.zeros(len(self.outputs))
-        signal = np.zeros(len(self.outputs))
+        signal: list[np.ndarray | None] = [None] * len(self.outputs)
+        noise: list[np.ndarray | None] = [None] * len(self.outputs)
+        peak: list[np.ndarray | None] = [None] * len(self.outputs)
         for feeds, reference in zip(self.feeds, self.reference, strict=True):
             got = self.session.run(self.outputs, {**feeds, **values})
             for i, (r, t) in enumerate(zip(reference, got, strict=True)):
                 if not np.issubdtype(np.asarray(r).dtype, np.floating):
                     continue
-                r64 = np.asarray(r, np.float64)
-                noise[i] += float(np.sum((r64 - np.asarray(t, np.float64)) ** 2))
-                signal[i] += float(np.sum(r64**2))
-        floating = signal > 0
-        return float(np.mean(noise[floating] / signal[floating])) if np.any(floating) else 0.0
+                s, n, p = slice_energies(np.asarray(r, np.float64), np.asarray(t, np.float64))
+                same = signal[i] is not None and signal[i].shape == s.shape  # type: ignore[union-attr]
+                signal[i] = signal[i] + s if same else s  # type: ignore[operator]
+                noise[i] = noise[i] + n if same else n  # type: ignore[operator]
+                peak[i] = np.maximum(peak[i], p) if same else p  # type: ignore[arg-type]
+        ratios = []
+        for i, (s, n) in enumerate(zip(signal, noise, strict=True)):
+            if s is None or n is None:
+                continue
+            judged = s > SLICE_ENERGY_FLOOR * max(float(np.mean(s)), 1e-30)
+            if self.distribution[i]:  # a class that is never likely cannot move a decision (validate.py)
+                judged &= peak[i] >= MIN_JUDGED_PROBABILITY  # type: ignore[operator]
+            if np.any(judged):
+                ratios.append(float(np.mean(n[judged] / s[judged])))
+        return float(np.mean(ratios)) if ratios else 0.0
+
+
+def slice_energies(reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Σy² and Σ(y − ŷ)² per index of axis 1 (the slices validation judges): a head that concatenates boxes
+    in pixels and scores in [0, 1] on that axis weighs each slice by its own scale, so the boxes' error does
+    not drown the scores' (YOLOv8n: whole-output error picked ranges that kept box F1 at 0.81 where MSE ranges
+    kept 0.95). Outputs of rank < 2 are one slice. Also each slice's peak |y|."""
+    if reference.ndim < 2 or reference.size == 0:
+        flat = (reference**2).sum(), ((reference - test) ** 2).sum(), np.abs(reference).max(initial=0.0)
+        return tuple(np.array([v]) for v in flat)  # type: ignore[return-value]
+    others = tuple(a for a in range(reference.ndim) if a != 1)
+    return (
+        np.sum(reference**2, axis=others),
+        np.sum((reference - test) ** 2, axis=others),
+        np.max(np.abs(reference), axis=others),
+    )
