@@ -12,6 +12,7 @@ from ort_util import run
 
 import onnxq
 from onnxq import qmath
+from onnxq.passes.search_ranges import slice_energies
 from onnxq.recipe import read_recipe_source
 
 
@@ -58,3 +59,17 @@ def test_search_beats_every_single_method_on_its_samples_and_lowers_its_choice(t
     assert found["chosen"], "nothing changed: the test shows nothing"
     for key, scale in found["scales"].items():
         assert np.isclose(scales[key], scale, rtol=1e-6), key
+
+
+def test_each_head_slice_is_judged_by_its_own_scale() -> None:
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 320, (1, 4, 100))
+    scores = rng.uniform(0, 1, (1, 1, 100))
+    y = np.concatenate([boxes, scores], axis=1)
+    noisy_scores = y.copy()
+    noisy_scores[:, 4] += rng.normal(0, 0.3, 100)  # scores ruined, boxes intact
+    signal, noise, peak = slice_energies(y, noisy_scores)
+    assert signal.shape == noise.shape == peak.shape == (5,)
+    whole = noise.sum() / signal.sum()
+    per_slice = float(np.mean(noise / signal))
+    assert whole < 1e-5 and per_slice > 0.02  # the whole-output ratio hides what the slices show
