@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from ort_util import run
 
@@ -155,3 +157,46 @@ def _weights_rounded(model, context: PassContext) -> onnx.ModelProto:  # type: i
             q, scale, zero = qmath.quantize_weight(w, spec.dtype, True, 0, False)
             tensor.CopyFrom(numpy_helper.from_array(qmath.dequantize(q, scale, zero, 0), tensor.name))
     return proto
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    channels=st.integers(2, 12),
+    between=st.sampled_from(["Relu", "LeakyRelu", "MaxPool", "Pad", "none"]),
+    depthwise=st.booleans(),
+)
+def test_equalization_keeps_any_conv_pair_exact(seed: int, channels: int, between: str, depthwise: bool) -> None:
+    rng = np.random.default_rng(seed)
+    spread = np.exp(rng.normal(0, 2, channels)).astype(np.float32)
+    w1 = (rng.normal(0, 0.5, (channels, 3, 3, 3)) * spread[:, None, None, None]).astype(np.float32)
+    b1 = (rng.normal(0, 0.5, channels) * spread).astype(np.float32)
+    w2 = rng.normal(0, 0.5, (channels, 1, 3, 3) if depthwise else (4, channels, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))]
+    inits.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"))
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1])]
+    if between == "MaxPool":
+        nodes.append(helper.make_node("MaxPool", ["c1"], ["a"], kernel_shape=[2, 2]))
+    elif between == "Pad":
+        nodes.append(helper.make_node("Pad", ["c1", "pads"], ["a"]))
+    elif between != "none":
+        nodes.append(helper.make_node(between, ["c1"], ["a"]))
+    second = {"group": channels, "pads": [1, 1, 1, 1]} if depthwise else {}
+    nodes.append(helper.make_node("Conv", ["a" if between != "none" else "c1", "w2"], ["y"], **second))
+    graph = helper.make_graph(
+        nodes,
+        "pair",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 7
+    x = rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)
+    model = onnxq_ir.from_proto(proto)
+    context = PassContext(calibration_data=lambda: iter([{"x": x}]))
+    Equalize(context=context)(model)
+    assert any("1 Conv pairs equalized" in n for n in context.notes), context.notes
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(model, {"x": x})
+    assert qmath.sqnr_db(ref, got) > 90
