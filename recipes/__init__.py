@@ -14,5 +14,5 @@ def descriptions() -> dict[str, str]:
         if entry.name.endswith(".yaml"):
             match = re.search(r"^description:\s*(.+)$", entry.read_text(encoding="utf-8"), re.MULTILINE)
             found[entry.name[:-5]] = match.group(1).strip() if match else ""
-    found["auto"] = "search: int8 with each calibration method, int8-tuned, then mixed; keeps the fastest that meets the gates"
+    found["auto"] = "search: int8 with each range method, int8-tuned, then mixed; the fastest meeting the gates"
     return dict(sorted(found.items()))
