@@ -67,8 +67,10 @@ def test_rtn_int4_of_an_external_data_model_streams_and_writes_external_data(lar
 
     assert _digests(large.parent) == before  # the input files are never written
     assert all(t.raw is None for t in weights)  # every float weight unmapped once quantized (or never read)
-    assert _locations(out) == {"decoder.q.onnx.data"}  # the float embedding copied, not referenced
-    assert {p.name for p in tmp_path.iterdir()} >= {"decoder.q.onnx", "decoder.q.onnx.data"}
+    # nothing refers to the input's data file: the embedding is int4 now (GatherBlockQuantized), so what is
+    # left may be small enough to sit inside the model file
+    assert _locations(out) <= {"decoder.q.onnx.data"}
+    assert "decoder.q.onnx" in {p.name for p in tmp_path.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert sum(n.op_type == "MatMulNBits" for n in result.model.graph) == 6 * SHAPE.layers + 1
 
