@@ -202,7 +202,7 @@ def run(
     model, output, calib, data = _demo_inputs(model, output, calib, data) if demo else (model, output, calib, data)
     if model is None:
         raise UsageError("no MODEL given", "pass the path of a float .onnx model, or --demo for the bundled one")
-    show = not quiet and sys.stderr.isatty()
+    show = not quiet  # a bar on a terminal, a line now and then in a log (onnxq/progress.py)
     try:
         result = run_recipe(
             model,

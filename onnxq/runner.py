@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -376,8 +377,8 @@ def _quantized_ops(model: ir.Model) -> int:
 
 
 def _status(enabled: bool, text: str) -> contextlib.AbstractContextManager[object]:
-    """A spinner on stderr while a pass runs (calibration draws its own progress bar inside)."""
-    if not enabled:
+    """A spinner on stderr while a pass runs (calibration draws its own progress bar inside); none in a log."""
+    if not enabled or not sys.stderr.isatty():
         return contextlib.nullcontext()
     from rich.console import Console
 
