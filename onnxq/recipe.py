@@ -69,6 +69,11 @@ class Gates(_Strict):
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(None, ge=0, description="points of label accuracy lost at most")
     min_task_metric: float | None = Field(None, description="validate.metric's score at least this")
+    ignore_outputs: list[str] = Field(
+        default_factory=lambda: ["re:^present"],
+        description="outputs measured and reported but not gated (names, or 're:' regexes); by default a decoder's "
+        "KV-cache outputs (present.N.key/value): the logits judge the model, a cache is an intermediate",
+    )
 
 
 class ValidateConfig(_Strict):

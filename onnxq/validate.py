@@ -8,7 +8,9 @@ one Concat can keep 0.999 cosine overall while its score slice has collapsed, an
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -321,8 +323,19 @@ def latency(
     }
 
 
+def _gated(outputs: list[OutputMetrics], patterns: list[str]) -> list[OutputMetrics]:
+    """The outputs the gates judge: all but those `patterns` name (all, if that would leave none)."""
+
+    def ignored(name: str) -> bool:
+        return any(re.search(p[3:], name) if p.startswith("re:") else p == name for p in patterns)
+
+    kept = [o for o in outputs if not ignored(o.name)]
+    return kept or outputs
+
+
 def evaluate_gates(result: ValidationResult, gates: Any) -> list[GateResult]:
     out = []
+    result = dataclasses.replace(result, outputs=_gated(result.outputs, getattr(gates, "ignore_outputs", [])))
     if gates.min_sqnr_db is not None:
         worst = min(o.sqnr_db for o in result.outputs)
         out.append(GateResult("min_sqnr_db", gates.min_sqnr_db, worst, worst >= gates.min_sqnr_db))
