@@ -6,6 +6,7 @@ instead of as an onnxruntime error from deep inside a session.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -300,26 +301,45 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+PAST = re.compile(r"(^|[._])past([._]|$)")  # past_key_values.0.key, past.0.value, layer.past_key
+MASKS = ("attention_mask",)
+POSITIONS = ("position_ids",)
+
+
 class SyntheticReader:
     """Random inputs for smoke runs: standard-normal floats, zeros for integers; symbolic dims get
-    `batch` (axis 0) or `dim` (other axes). Ranges from it are not meant for a model you ship."""
+    `batch` (axis 0) or `dim` (other axes). Ranges from it are not meant for a model you ship.
+
+    Decoder inputs get a consistent prefill instead, or attention kernels refuse them (GroupQueryAttention
+    derives the sequence lengths from the mask): past key/value inputs are empty on their sequence axis
+    (axis 2 of [batch, heads, past, head_dim]), `attention_mask` is ones over the `dim` new tokens,
+    `position_ids` count 0…dim−1 (token ids stay 0: any vocabulary has it)."""
 
     def __init__(
         self, specs: list[InputSpec], num_samples: int = 16, seed: int = 0, batch: int = 1, dim: int = 32
     ) -> None:
         self.specs, self.num_samples, self.seed, self.batch, self.dim = specs, num_samples, seed, batch, dim
 
+    def _shape(self, spec: InputSpec) -> list[int]:
+        shape = [
+            (self.batch if i == spec.batch_axis else self.dim) if d is None else d for i, d in enumerate(spec.shape)
+        ]
+        if PAST.search(spec.name) and len(shape) == 4 and spec.shape[2] is None:
+            shape[2] = 0  # empty past: a prefill of `dim` tokens
+        return shape
+
     def __iter__(self) -> Iterator[Feeds]:
         rng = np.random.default_rng(self.seed)
         for _ in range(self.num_samples):
             feeds = {}
             for spec in self.specs:
-                shape = [
-                    (self.batch if i == spec.batch_axis else self.dim) if d is None else d
-                    for i, d in enumerate(spec.shape)
-                ]
+                shape = self._shape(spec)
                 if spec.dtype.kind == "f":
                     feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                elif spec.name in MASKS:
+                    feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
+                elif spec.name in POSITIONS and shape:
+                    feeds[spec.name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(spec.dtype)
                 else:
                     feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
             yield feeds
