@@ -32,7 +32,7 @@ from pydantic import Field
 from onnxq import qmath
 from onnxq.pass_base import Pass, PassConfig
 from onnxq.progress import progress
-from onnxq.qspec import get_qspec
+from onnxq.qspec import QuantSpec, get_qspec
 
 from ._graph import add_initializer, forget_names
 from ._measure import Layer, layer_grams, layer_of
@@ -91,8 +91,9 @@ class AdaRound(Pass):
         self.context.artifacts.setdefault("adaround", {})["error_vs_rtn"] = gains
         return ir.passes.PassResult(model, modified=bool(improved))
 
-    def _targets(self, graph: ir.Graph) -> tuple[list[tuple[Layer, object]], str]:
-        targets, asymmetric, shared = [], 0, 0
+    def _targets(self, graph: ir.Graph) -> tuple[list[tuple[Layer, QuantSpec]], str]:
+        targets: list[tuple[Layer, QuantSpec]] = []
+        asymmetric, shared = 0, 0
         for node in graph:
             spec = get_qspec(node)
             if spec is None or spec.skip or node.op_type not in self.config.op_types:
@@ -117,7 +118,7 @@ class AdaRound(Pass):
             notes.append(f"{shared} weights read by several ops kept round-to-nearest")
         return targets, "; ".join(notes)
 
-    def _round(self, graph: ir.Graph, layer: Layer, spec, gram: np.ndarray) -> float:  # type: ignore[no-untyped-def]
+    def _round(self, graph: ir.Graph, layer: Layer, spec: QuantSpec, gram: np.ndarray) -> float:
         weight = layer.weight.astype(np.float32)
         axis = None if spec.granularity == "tensor" else layer.row_axis
         _, scale, zero = qmath.quantize_weight(weight, spec.dtype, spec.symmetric, axis, spec.reduce_range)
