@@ -57,6 +57,10 @@ class AdaRoundConfig(PassConfig):
         256, ge=8, description="above this input size K, iterate on H's top eigenvectors (cost m·K·r, not m·K²)"
     )
     op_types: list[str] = Field(default_factory=lambda: ["Conv", "MatMul", "Gemm"], description="ops to round")
+    max_inputs: int = Field(
+        8192, ge=1, description="layers whose rows sum over more inputs K keep round-to-nearest (H is K×K)"
+    )
+    budget_mb: float = Field(1024.0, gt=0, description="memory for the H matrices measured in one pass")
 
 
 class AdaRound(Pass):
@@ -73,14 +77,15 @@ class AdaRound(Pass):
         if not targets:
             self.context.notes.append("adaround: no Conv/MatMul/Gemm with symmetric integer weights to round")
             return ir.passes.PassResult(model, modified=False)
-        layers = [t[0] for t in targets]
-        with self.context._timed("adaround"):
-            grams = layer_grams(model, self.context, layers, self.config.samples, self.config.rows_per_sample)
-            gains: list[float] = []
-            with progress(self.context.show_progress, "adaround", len(targets)) as advance:
-                for (layer, spec), gram in zip(targets, grams, strict=True):
+        gains: list[float] = []
+        with self.context._timed("adaround"), progress(self.context.show_progress, "adaround", len(targets)) as advance:
+            for group in _budgeted(targets, self.config.budget_mb):
+                layers = [layer for layer, _ in group]
+                grams = layer_grams(model, self.context, layers, self.config.samples, self.config.rows_per_sample)
+                for (layer, spec), gram in zip(group, grams, strict=True):
                     gains.append(self._round(model.graph, layer, spec, gram))
                     advance(1)
+                del grams
         forget_names(model.graph)
         improved = [g for g in gains if g < 1.0]
         median = float(np.median(improved)) if improved else 1.0
@@ -93,7 +98,7 @@ class AdaRound(Pass):
 
     def _targets(self, graph: ir.Graph) -> tuple[list[tuple[Layer, QuantSpec]], str]:
         targets: list[tuple[Layer, QuantSpec]] = []
-        asymmetric, shared = 0, 0
+        asymmetric, shared, wide = 0, 0, 0
         for node in graph:
             spec = get_qspec(node)
             if spec is None or spec.skip or node.op_type not in self.config.op_types:
@@ -110,12 +115,17 @@ class AdaRound(Pass):
             if len(node.inputs[1].uses()) > 1:
                 shared += 1
                 continue
+            if layer.rows().shape[2] > self.config.max_inputs:
+                wide += 1
+                continue
             targets.append((layer, w))
         notes = []
         if asymmetric:
             notes.append(f"{asymmetric} asymmetric weights kept round-to-nearest (only symmetric grids are learned)")
         if shared:
             notes.append(f"{shared} weights read by several ops kept round-to-nearest")
+        if wide:
+            notes.append(f"{wide} layers over {self.config.max_inputs} inputs kept round-to-nearest (max_inputs)")
         return targets, "; ".join(notes)
 
     def _round(self, graph: ir.Graph, layer: Layer, spec: QuantSpec, gram: np.ndarray) -> float:
@@ -149,6 +159,23 @@ class AdaRound(Pass):
         layer.node.meta[ROUNDED_KEY] = "adaround"
         layer.node.meta[FLOAT_WEIGHT_KEY] = weight
         return ratio
+
+
+def _budgeted(targets: list[tuple[Layer, QuantSpec]], budget_mb: float) -> list[list[tuple[Layer, QuantSpec]]]:
+    """Consecutive groups of layers whose H matrices ([g, K, K] float64) fit in `budget_mb` together: one
+    onnxruntime pass per group, and memory bounded by the budget, not by the model (VGG16's classifier alone
+    has K = 25088: a 5 GB H)."""
+    groups: list[list[tuple[Layer, QuantSpec]]] = [[]]
+    used = 0.0
+    for target in targets:
+        g, _, k = target[0].rows().shape
+        size = g * k * k * 8 / 2**20
+        if groups[-1] and used + size > budget_mb:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(target)
+        used += size
+    return [group for group in groups if group]
 
 
 def output_error(delta: np.ndarray, gram: np.ndarray) -> float:
