@@ -82,20 +82,26 @@ def test_ctrl_c_in_any_phase_is_one_line_and_writes_nothing(
 
 def test_ctrl_c_while_imports_load_is_one_line(cnn: Path, tmp_path: Path) -> None:
     before = files(tmp_path)
-    process = subprocess.Popen(
-        [*ONNXQ, "run", str(cnn), "--calib", str(tmp_path / "calib.npz")],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(0.2)  # the CLI and the run command's modules are still being imported
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, (process.returncode, stderr)
-    assert stderr.strip() == "interrupted; no output was written", stderr
-    assert files(tmp_path) == before
+    # On a loaded machine 0.2 s can still be inside Python's own startup, before any onnxq code runs: that
+    # exits 130 silently (docs/status.md, known). Later tries land in the imports, which must say one line.
+    for delay in (0.2, 0.35, 0.5, 0.8):
+        process = subprocess.Popen(
+            [*ONNXQ, "run", str(cnn), "--calib", str(tmp_path / "calib.npz")],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)  # the CLI and the run command's modules are still being imported
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, (process.returncode, stderr)
+        assert files(tmp_path) == before
+        if stderr.strip():
+            assert stderr.strip() == "interrupted; no output was written", stderr
+            return
+    raise AssertionError("no interrupt landed after Python's startup")
 
 
 # --- what is on disk -------------------------------------------------------------------------------------
