@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from bench.common import isolated
+from bench.wild import _ort
 from models import wild
 
 TABLES: dict[int, dict[str, Any]] = {
@@ -110,26 +111,6 @@ def _onnxq(model: str, calib: str, out: str, recipe: dict[str, Any]) -> list[str
 
     result = onnxq.run(model, recipe, calib=calib, output=out, validate=False)
     return [n for n in result.notes if n.split(":")[0] in {"equalize", "bias_correction", "adaround", "search_ranges"}]
-
-
-def _ort(model: str, calib: str, out: str, config: dict[str, Any]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType, quantize_static
-
-    feeds = wild.unstack(calib)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(feeds)
-
-        def get_next(self) -> dict | None:
-            return next(self.items, None)
-
-    kwargs = dict(config)
-    if "calibrate_method" in kwargs:
-        kwargs["calibrate_method"] = getattr(CalibrationMethod, kwargs["calibrate_method"])
-    if "weight_type" in kwargs:
-        kwargs["weight_type"] = getattr(QuantType, kwargs["weight_type"])
-    quantize_static(model, out, Reader(), **kwargs)
 
 
 def _sqnr(reference: list[dict[str, np.ndarray]], test: list[dict[str, np.ndarray]]) -> float:
@@ -215,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown table {unknown[0]} (tables: {', '.join(map(str, TABLES))})")
     only = set(args.models.split(",")) if args.models else None
+    listed = {name for t in tables for name in TABLES[t]["models"]}
+    if only and not only <= listed:
+        ap.error(
+            f"model '{sorted(only - listed)[0]}' is in none of tables {args.tables} (they run: {', '.join(sorted(listed))})"
+        )
     results = []
     for table in tables:
         for name in TABLES[table]["models"]:

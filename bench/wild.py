@@ -57,7 +57,9 @@ def _onnxq(model: str, calib: str, data: str, out: str, recipe: str) -> dict[str
 
 
 def _ort(model: str, calib: str, out: str, config: dict[str, Any]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, quantize_static
+    """onnxruntime's quantize_static on the feeds of `calib`; enum settings (calibrate_method, weight_type)
+    are given by name."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType, quantize_static
 
     feeds = wild.unstack(calib)
 
@@ -71,6 +73,8 @@ def _ort(model: str, calib: str, out: str, config: dict[str, Any]) -> None:
     kwargs = dict(config)
     if "calibrate_method" in kwargs:
         kwargs["calibrate_method"] = getattr(CalibrationMethod, kwargs["calibrate_method"])
+    if "weight_type" in kwargs:
+        kwargs["weight_type"] = getattr(QuantType, kwargs["weight_type"])
     quantize_static(model, out, Reader(), **kwargs)
 
 

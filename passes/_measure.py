@@ -26,6 +26,8 @@ from onnxq.pass_base import CALIB_FIX, PassContext
 from ._graph import constant_array
 
 PREFIX = "__onnxq_measure_"
+ROUNDED_KEY = "onnxq.rounded"  # node meta: the weight is already on its quantization grid (and how)
+FLOAT_WEIGHT_KEY = "onnxq.float_weight"  # node meta: the float weight before rounding (bias_correction reads it)
 LINEAR_OPS = ("Conv", "MatMul", "Gemm")
 
 

@@ -35,10 +35,8 @@ from onnxq.progress import progress
 from onnxq.qspec import QuantSpec, get_qspec
 
 from ._graph import add_initializer, forget_names
-from ._measure import Layer, layer_grams, layer_of
+from ._measure import FLOAT_WEIGHT_KEY, ROUNDED_KEY, Layer, layer_grams, layer_of
 
-ROUNDED_KEY = "onnxq.rounded"  # node meta: the weight is already on its quantization grid (and how)
-FLOAT_WEIGHT_KEY = "onnxq.float_weight"  # node meta: the float weight before rounding (bias_correction reads it)
 ZETA, GAMMA = 1.1, -0.1
 
 

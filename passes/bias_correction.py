@@ -26,8 +26,7 @@ from onnxq.pass_base import Pass, PassConfig
 from onnxq.qspec import get_qspec
 
 from ._graph import add_initializer, constant_array, forget_names, only_reader
-from ._measure import Layer, Reduction, layer_of, reduce_per_channel
-from .adaround import FLOAT_WEIGHT_KEY
+from ._measure import FLOAT_WEIGHT_KEY, Layer, Reduction, layer_of, reduce_per_channel
 
 
 class BiasCorrectionConfig(PassConfig):
