@@ -198,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.models.split(",")) if args.models else None
     listed = {name for t in tables for name in TABLES[t]["models"]}
     if only and not only <= listed:
-        ap.error(
-            f"model '{sorted(only - listed)[0]}' is in none of tables {args.tables} (they run: {', '.join(sorted(listed))})"
-        )
+        unknown = sorted(only - listed)[0]
+        ap.error(f"model '{unknown}' is in none of tables {args.tables} (they run: {', '.join(sorted(listed))})")
     results = []
     for table in tables:
         for name in TABLES[table]["models"]:
